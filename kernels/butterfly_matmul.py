@@ -1,0 +1,189 @@
+"""Triton kernels for the flat block butterfly product and its two gradients.
+
+Weight layout (shared with reference.py): weight[r, j] is the (q x p) tile of W at tile row r and tile
+column r ^ offset_j, offset_j = (1 << j) >> 1. The XOR is computed in the kernel: no look-up tables, no
+densified weight.
+
+  forward  Y[:, r]   = sum_j X[:, r ^ o_j]  @ weight[r, j]^T          (K = p per slot)
+  dX       dX[:, c]  = sum_j dY[:, c ^ o_j] @ weight[c ^ o_j, j]      (same kernel, K = q; symmetric pattern)
+  dW       dW[r, j]  = dY[:, r]^T @ X[:, r ^ o_j]                      (K = tokens)
+
+Every program's output tile stays inside one output patch, so a program's K loop walks F contiguous
+slabs of the input. Accumulation is fp32; inputs are fp32, fp16 or bf16.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _butterfly_mm_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N_PATCH, K_PATCH,
+    stride_am, stride_om,
+    stride_wr, stride_wj, stride_wn, stride_wk,
+    F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_per_patch = tl.cdiv(N_PATCH, BLOCK_N)
+    r = pid_n // tiles_per_patch  # output patch
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_n % tiles_per_patch) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N_PATCH
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(F):
+        partner = r ^ ((1 << j) >> 1)
+        # forward reads weight[r, j] transposed; dX reads weight[partner, j] as stored
+        w_row = partner if PARTNER_WEIGHT else r
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_k[None, :]
+        w_ptrs = w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        for k0 in range(0, K_PATCH, BLOCK_K):
+            mask_k = offs_k + k0 < K_PATCH
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:  # the interpreter computes bf16 wrongly; fp32 there is exact enough
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _butterfly_dw_kernel(
+    g_ptr, x_ptr, dw_ptr,
+    M, Q, P,
+    stride_gm, stride_xm,
+    F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
+    pid_t = tl.program_id(1)
+    r = pid_rj // F
+    j = pid_rj % F
+    partner = r ^ ((1 << j) >> 1)
+    tiles_p = tl.cdiv(P, BLOCK_P)
+    offs_q = (pid_t // tiles_p) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_p = (pid_t % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_q = offs_q < Q
+    mask_p = offs_p < P
+    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_Q, BLOCK_K)
+    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
+    acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        mask_k = offs_k + k0 < M
+        g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+        g_ptrs += BLOCK_K * stride_gm
+        x_ptrs += BLOCK_K * stride_xm
+    dw_ptrs = dw_ptr + pid_rj * Q * P + offs_q[:, None] * P + offs_p[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
+
+
+def _tile(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting, so the kernel matches F.linear's precision; half inputs
+    # ignore the flag ("tf32" is tl.dot's default)
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check(name: str, t: torch.Tensor, dim: int):
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"{name} is on {t.device}; the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
+            "pixelfly_kernels is imported (CPU interpreter, slow), or backend='reference'."
+        )
+
+
+def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool) -> torch.Tensor:
+    _check("input", a, 2)
+    _check("weight", weight, 4)
+    B, F, q, p = weight.shape
+    n_patch, k_patch = (p, q) if partner_weight else (q, p)
+    if a.shape[1] != B * k_patch:
+        raise ValueError(f"input has {a.shape[1]} features, the weight expects {B * k_patch}")
+    a = a if a.stride(1) == 1 else a.contiguous()
+    weight = weight.contiguous()
+    M = a.shape[0]
+    out = torch.empty(M, B * n_patch, device=a.device, dtype=a.dtype)
+    sr, sj, sq, sp = weight.stride()
+    stride_wn, stride_wk = (sp, sq) if partner_weight else (sq, sp)
+    block_m = _tile(M, 16, 128)
+    block_n = _tile(n_patch, 16, 128)
+    block_k = _tile(k_patch, 16, 64)
+    grid = (triton.cdiv(M, block_m), B * triton.cdiv(n_patch, block_n))
+    _butterfly_mm_kernel[grid](
+        a, weight, bias if bias is not None else a, out,
+        M, n_patch, k_patch,
+        a.stride(0), out.stride(0),
+        sr, sj, stride_wn, stride_wk,
+        F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
+        UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+    )
+    return out
+
+
+def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """Y = X @ S^T (+ bias): x (T, in), weight (B, F, q, p), bias (out,) or None -> (T, out)."""
+    return _launch_mm(x, weight, bias, partner_weight=False)
+
+
+def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dX = dY @ S: grad (T, out), weight (B, F, q, p) -> (T, in)."""
+    return _launch_mm(grad, weight, None, partner_weight=True)
+
+
+def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int) -> torch.Tensor:
+    """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
+    _check("grad", grad, 2)
+    _check("input", x, 2)
+    if grad.shape[0] != x.shape[0]:
+        raise ValueError(f"grad has {grad.shape[0]} rows and input {x.shape[0]}; they must match")
+    B, F = butterfly_size, n_slots
+    q, p = grad.shape[1] // B, x.shape[1] // B
+    grad = grad if grad.stride(1) == 1 else grad.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    M = x.shape[0]
+    dw = torch.empty(B, F, q, p, device=x.device, dtype=x.dtype)
+    block_q = _tile(q, 16, 128)
+    block_p = _tile(p, 16, 128)
+    block_k = _tile(M, 16, 64)
+    grid = (B * F, triton.cdiv(q, block_q) * triton.cdiv(p, block_p))
+    _butterfly_dw_kernel[grid](
+        grad, x, dw,
+        M, q, p,
+        grad.stride(0), x.stride(0),
+        F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_K=block_k,
+        num_warps=8 if block_q * block_p >= 128 * 128 else 4, num_stages=3,
+    )
+    return dw

@@ -1,0 +1,72 @@
+"""Plain PyTorch implementation of the three butterfly-sparse products (the CPU path and the test oracle).
+
+Weight layout, shared with the Triton kernels: `weight[r, j]` is the (q x p) tile of W (out x in) at tile
+row r and tile column r ^ offset_j, offset_j = (1 << j) >> 1 = 0, 1, 2, 4, ...; q = out / B, p = in / B.
+Half-precision inputs are computed in fp32 and cast back, as the kernels do.
+"""
+import torch
+
+
+def tile_partners(butterfly_size: int, n_slots: int, device=None) -> torch.Tensor:
+    """(B, F) long tensor: the tile r ^ offset_j paired with tile r in slot j."""
+    offsets = torch.tensor([(1 << j) >> 1 for j in range(n_slots)], device=device)
+    return torch.arange(butterfly_size, device=device).unsqueeze(1) ^ offsets
+
+
+def _compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """Y = X @ S^T (+ bias); x (T, in), weight (B, F, q, p) -> (T, out)."""
+    B, F, q, p = weight.shape
+    ct = _compute_dtype(x, weight)
+    x_tiles = x.to(ct).reshape(-1, B, p)
+    gathered = x_tiles[:, tile_partners(B, F, x.device)]  # (T, B, F, p)
+    y = torch.einsum("tbfp,bfqp->tbq", gathered, weight.to(ct)).reshape(-1, B * q)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x.dtype)
+
+
+def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dX = dY @ S; grad (T, out), weight (B, F, q, p) -> (T, in).
+
+    Input tile c is read by output tile c ^ offset_j in slot j (the pattern is symmetric), so
+    dX[:, c] = sum_j dY[:, c ^ offset_j] @ weight[c ^ offset_j, j].
+    """
+    B, F, q, p = weight.shape
+    ct = _compute_dtype(grad, weight)
+    partners = tile_partners(B, F, grad.device)
+    grad_tiles = grad.to(ct).reshape(-1, B, q)[:, partners]  # (T, B, F, q)
+    slots = torch.arange(F, device=grad.device).expand(B, F)
+    w_partner = weight.to(ct)[partners, slots]  # (B, F, q, p): weight[c ^ o_j, j]
+    dx = torch.einsum("tcfq,cfqp->tcp", grad_tiles, w_partner).reshape(-1, B * p)
+    return dx.to(grad.dtype)
+
+
+def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int) -> torch.Tensor:
+    """dW[r, j] = dY[:, r]^T @ X[:, r ^ offset_j]; grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
+    B = butterfly_size
+    ct = _compute_dtype(grad, x)
+    grad_tiles = grad.to(ct).reshape(grad.shape[0], B, -1)
+    x_tiles = x.to(ct).reshape(x.shape[0], B, -1)[:, tile_partners(B, n_slots, x.device)]
+    return torch.einsum("tbq,tbfp->bfqp", grad_tiles, x_tiles).to(x.dtype)
+
+
+def butterfly_to_dense(weight: torch.Tensor) -> torch.Tensor:
+    """The (out x in) dense matrix with the stored tiles in place and zeros elsewhere."""
+    B, F, q, p = weight.shape
+    dense = weight.new_zeros(B, q, B, p)
+    rows = torch.arange(B, device=weight.device).unsqueeze(1).expand(B, F)
+    dense[rows, :, tile_partners(B, F, weight.device)] = weight
+    return dense.reshape(B * q, B * p)
+
+
+def dense_to_butterfly(dense: torch.Tensor, butterfly_size: int, n_slots: int) -> torch.Tensor:
+    """The stored tiles of a dense (out x in) matrix: the inverse of `butterfly_to_dense` on the pattern."""
+    B = butterfly_size
+    out_features, in_features = dense.shape
+    tiles = dense.reshape(B, out_features // B, B, in_features // B)
+    rows = torch.arange(B, device=dense.device).unsqueeze(1).expand(B, n_slots)
+    return tiles[rows, :, tile_partners(B, n_slots, dense.device)].contiguous()

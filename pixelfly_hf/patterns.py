@@ -1,0 +1,220 @@
+"""Flat block butterfly layouts and the density-budget planner.
+
+A weight W (out x in) is cut into a butterfly_size x butterfly_size grid of tiles of shape
+(out / butterfly_size) x (in / butterfly_size). Tile (r, c) is nonzero iff r XOR c is 0 or one of the
+n_factors smallest powers of two, so every tile row holds n_factors + 1 tiles: output tile r reads input
+tiles r ^ offset for offset in `butterfly_offsets(n_factors)`. Nothing here knows about torch modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def butterfly_offsets(n_factors: int) -> list[int]:
+    """XOR offsets of the tiles in one tile row: identity, then strides 1, 2, 4, ..."""
+    return [0] + [1 << i for i in range(n_factors)]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class FlatButterflyLayout:
+    """The tile layout of one (out_features x in_features) matrix. Validates on construction."""
+
+    out_features: int
+    in_features: int
+    butterfly_size: int
+    n_factors: int
+    block_size: int = 32
+
+    def __post_init__(self):
+        bs, k = self.butterfly_size, self.n_factors
+        if not _is_power_of_two(bs) or bs < 2:
+            raise ValueError(
+                f"butterfly_size={bs!r} must be a power of 2 and at least 2 (e.g. 4, 8, 16, 32)."
+            )
+        max_factors = int(math.log2(bs))
+        if not isinstance(k, int) or k < 0 or k > max_factors:
+            raise ValueError(
+                f"n_factors={k!r} must be an integer in [0, log2(butterfly_size)] = [0, {max_factors}] "
+                f"for butterfly_size={bs}."
+            )
+        if not _is_power_of_two(self.block_size) or self.block_size < 16:
+            raise ValueError(
+                f"block_size={self.block_size!r} must be a power of 2 and at least 16 (the smallest "
+                "tensor-core tile edge); use 16, 32, 64 or 128."
+            )
+        for name, features in (("out_features", self.out_features), ("in_features", self.in_features)):
+            if features % bs:
+                raise ValueError(
+                    f"{name}={features} is not divisible by butterfly_size={bs}; pick a butterfly_size "
+                    f"that divides it (largest power of 2 dividing it: {features & -features})."
+                )
+            if features // bs < self.block_size:
+                raise ValueError(
+                    f"{name}={features} with butterfly_size={bs} gives tiles {features // bs} wide, smaller "
+                    f"than block_size={self.block_size}; use butterfly_size <= {features // self.block_size} "
+                    f"or a smaller block_size."
+                )
+
+    @property
+    def n_tiles_per_row(self) -> int:
+        return self.n_factors + 1
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(rows, cols) of one tile: (out / butterfly_size, in / butterfly_size)."""
+        return self.out_features // self.butterfly_size, self.in_features // self.butterfly_size
+
+    @property
+    def offsets(self) -> list[int]:
+        return butterfly_offsets(self.n_factors)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense matrix's entries that are stored: (n_factors + 1) / butterfly_size."""
+        return self.n_tiles_per_row / self.butterfly_size
+
+    @property
+    def num_params(self) -> int:
+        q, p = self.tile_shape
+        return self.butterfly_size * self.n_tiles_per_row * q * p
+
+    def input_tiles(self) -> torch.Tensor:
+        """(butterfly_size, n_factors + 1) long tensor: input tile read by output tile r in slot j."""
+        rows = torch.arange(self.butterfly_size).unsqueeze(1)
+        return rows ^ torch.tensor(self.offsets).unsqueeze(0)
+
+    def tile_mask(self) -> torch.Tensor:
+        """(butterfly_size, butterfly_size) bool tensor, True where a tile is stored."""
+        mask = torch.zeros(self.butterfly_size, self.butterfly_size, dtype=torch.bool)
+        mask.scatter_(1, self.input_tiles(), True)
+        return mask
+
+    def element_mask(self) -> torch.Tensor:
+        """(out_features, in_features) bool tensor, True on stored entries."""
+        q, p = self.tile_shape
+        return self.tile_mask().repeat_interleave(q, 0).repeat_interleave(p, 1)
+
+    def describe(self) -> str:
+        q, p = self.tile_shape
+        return (
+            f"flat butterfly {self.butterfly_size}x{self.butterfly_size}, {self.n_factors} factors, "
+            f"tiles {q}x{p}, density {self.density:.2%}"
+        )
+
+
+def validate_rank(rank: int, out_features: int, in_features: int) -> None:
+    limit = min(out_features, in_features)
+    if not isinstance(rank, int) or rank < 0 or rank > limit:
+        raise ValueError(
+            f"rank={rank!r} must be an integer in [0, min(in_features, out_features)] = [0, {limit}]; "
+            "use 0 to disable the low-rank term."
+        )
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """What the planner chose for one matrix, with the numbers behind the choice."""
+
+    out_features: int
+    in_features: int
+    butterfly_size: int
+    n_factors: int
+    rank: int
+    block_size: int
+    budget: float
+
+    @property
+    def layout(self) -> FlatButterflyLayout:
+        return FlatButterflyLayout(
+            self.out_features, self.in_features, self.butterfly_size, self.n_factors, self.block_size
+        )
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def params(self) -> int:
+        """Stored weights: sparse tiles + low-rank factors (bias and gate not counted)."""
+        return self.layout.num_params + self.rank * (self.out_features + self.in_features)
+
+    @property
+    def density(self) -> float:
+        """Parameters (= multiply-adds per token) as a fraction of the dense matrix, low rank included."""
+        return self.params / self.dense_params
+
+    @property
+    def sparse_density(self) -> float:
+        return self.layout.density
+
+    def summary(self) -> str:
+        q, p = self.layout.tile_shape
+        return (
+            f"{self.in_features}->{self.out_features}: butterfly_size={self.butterfly_size} "
+            f"n_factors={self.n_factors} (tiles {q}x{p}, sparse {self.sparse_density:.2%}) + rank {self.rank} "
+            f"= {self.density:.2%} of dense (budget {self.budget:.2%})"
+        )
+
+
+def _candidate_layouts(out_features: int, in_features: int, block_size: int):
+    """Every valid (butterfly_size, n_factors) for this shape and minimum tile edge."""
+    bs = 2
+    while out_features // bs >= block_size and in_features // bs >= block_size:
+        if out_features % bs == 0 and in_features % bs == 0:
+            for k in range(int(math.log2(bs)) + 1):
+                yield bs, k
+        bs *= 2
+
+
+def plan_matrix(
+    out_features: int,
+    in_features: int,
+    density: float,
+    *,
+    block_size: int = 32,
+    rank: int = 32,
+) -> MatrixPlan:
+    """Pick (butterfly_size, n_factors, rank) for one matrix within a density budget.
+
+    `density` is the budget as a fraction of the dense matrix's parameters, low rank included. The rank is
+    the requested one, lowered to the largest multiple of 8 that leaves room for the smallest sparse layout.
+    Among layouts that fit, the densest sparse part wins (it spends the budget); ties go to the larger tiles
+    (the kernel is faster on wide tiles), then to fewer factors. Deterministic.
+    """
+    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        raise ValueError(f"density={density!r} must be a fraction in (0, 1], e.g. 0.25 for a quarter of dense.")
+    validate_rank(rank, out_features, in_features)
+    candidates = list(_candidate_layouts(out_features, in_features, block_size))
+    if not candidates:
+        raise ValueError(
+            f"no flat butterfly layout of {in_features}->{out_features} has tiles of at least "
+            f"block_size={block_size}: use a smaller block_size (16) or leave this matrix dense."
+        )
+    dense = out_features * in_features
+    budget_params = density * dense
+    smallest_sparse = min((k + 1) * dense // bs for bs, k in candidates)
+    room = budget_params - smallest_sparse
+    if room < 0:
+        raise ValueError(
+            f"density={density} is below the sparsest layout available for {in_features}->{out_features} "
+            f"with block_size={block_size} ({smallest_sparse / dense:.2%}); raise density or lower block_size."
+        )
+    max_rank = int(room // (out_features + in_features)) // 8 * 8
+    rank = min(rank, max(max_rank, 0))
+
+    lowrank_params = rank * (out_features + in_features)
+
+    def preference(candidate):
+        bs, k = candidate
+        return ((k + 1) * dense // bs, -bs, -k)
+
+    fitting = [c for c in candidates if (c[1] + 1) * dense // c[0] + lowrank_params <= budget_params]
+    bs, k = max(fitting, key=preference)
+    return MatrixPlan(out_features, in_features, bs, k, rank, block_size, float(density))
