@@ -122,7 +122,15 @@ def _check(name: str, t: torch.Tensor, dim: int):
         )
 
 
-def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool) -> torch.Tensor:
+def _output(out, shape, like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)}, got {tuple(out.shape)}")
+    return out
+
+
+def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool, out) -> torch.Tensor:
     _check("input", a, 2)
     _check("weight", weight, 4)
     B, F, q, p = weight.shape
@@ -132,7 +140,7 @@ def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool
     a = a if a.stride(1) == 1 else a.contiguous()
     weight = weight.contiguous()
     M = a.shape[0]
-    out = torch.empty(M, B * n_patch, device=a.device, dtype=a.dtype)
+    out = _output(out, (M, B * n_patch), a)
     sr, sj, sq, sp = weight.stride()
     stride_wn, stride_wk = (sp, sq) if partner_weight else (sq, sp)
     block_m = _tile(M, 16, 128)
@@ -152,17 +160,17 @@ def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool
     return out
 
 
-def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
     """Y = X @ S^T (+ bias): x (T, in), weight (B, F, q, p), bias (out,) or None -> (T, out)."""
-    return _launch_mm(x, weight, bias, partner_weight=False)
+    return _launch_mm(x, weight, bias, partner_weight=False, out=out)
 
 
-def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
     """dX = dY @ S: grad (T, out), weight (B, F, q, p) -> (T, in)."""
-    return _launch_mm(grad, weight, None, partner_weight=True)
+    return _launch_mm(grad, weight, None, partner_weight=True, out=out)
 
 
-def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int) -> torch.Tensor:
+def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None) -> torch.Tensor:
     """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
     _check("grad", grad, 2)
     _check("input", x, 2)
@@ -173,7 +181,7 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     grad = grad if grad.stride(1) == 1 else grad.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
-    dw = torch.empty(B, F, q, p, device=x.device, dtype=x.dtype)
+    dw = _output(out, (B, F, q, p), x)
     block_q = _tile(q, 16, 128)
     block_p = _tile(p, 16, 128)
     block_k = _tile(M, 16, 64)

@@ -51,7 +51,7 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     ct = _compute_dtype(grad, x)
     grad_tiles = grad.to(ct).reshape(grad.shape[0], B, -1)
     x_tiles = x.to(ct).reshape(x.shape[0], B, -1)[:, tile_partners(B, n_slots, x.device)]
-    return torch.einsum("tbq,tbfp->bfqp", grad_tiles, x_tiles).to(x.dtype)
+    return torch.einsum("tbq,tbfp->bfqp", grad_tiles, x_tiles).to(x.dtype).contiguous()
 
 
 def butterfly_to_dense(weight: torch.Tensor) -> torch.Tensor:

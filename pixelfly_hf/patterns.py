@@ -49,17 +49,19 @@ class FlatButterflyLayout:
                 f"block_size={self.block_size!r} must be a power of 2 and at least 16 (the smallest "
                 "tensor-core tile edge); use 16, 32, 64 or 128."
             )
-        for name, features in (("out_features", self.out_features), ("in_features", self.in_features)):
+        dims = (("out_features", self.out_features), ("in_features", self.in_features))
+        for name, features in dims:
             if features % bs:
                 raise ValueError(
                     f"{name}={features} is not divisible by butterfly_size={bs}; pick a butterfly_size "
                     f"that divides it (largest power of 2 dividing it: {features & -features})."
                 )
+        for name, features in dims:
             if features // bs < self.block_size:
+                widest = 1 << max(0, (features // self.block_size).bit_length() - 1)
                 raise ValueError(
                     f"{name}={features} with butterfly_size={bs} gives tiles {features // bs} wide, smaller "
-                    f"than block_size={self.block_size}; use butterfly_size <= {features // self.block_size} "
-                    f"or a smaller block_size."
+                    f"than block_size={self.block_size}; use butterfly_size <= {widest} or a smaller block_size."
                 )
 
     @property

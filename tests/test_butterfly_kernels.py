@@ -1,0 +1,93 @@
+"""The three butterfly products, Triton (CPU interpreter here, CUDA in benchmarks/check_gpu.py) and reference,
+against a float64 dense masked matmul on fresh random inputs."""
+import pytest
+import torch
+
+from pixelfly_hf.patterns import FlatButterflyLayout
+from pixelfly_kernels import butterfly_matmul as triton_impl
+from pixelfly_kernels import reference
+
+# (tokens, in, out, butterfly_size, n_factors): in != out, out < in, non-square and non-power-of-2 tiles,
+# tile edge == block_size (16), odd token counts
+SHAPES = [
+    (37, 64, 128, 4, 2),
+    (50, 128, 64, 4, 1),
+    (19, 96, 48, 2, 1),
+    (64, 48, 96, 2, 0),
+    (33, 256, 128, 8, 3),
+    (70, 192, 384, 8, 2),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def dense_mask(layout: FlatButterflyLayout) -> torch.Tensor:
+    return layout.element_mask().to(torch.float64)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "output has NaN/inf: an element was not written"
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def make_case(tokens, in_f, out_f, bs, k, dtype):
+    layout = FlatButterflyLayout(out_f, in_f, bs, k, block_size=16)
+    q, p = layout.tile_shape
+    weight = torch.randn(bs, k + 1, q, p).to(dtype)
+    # the dense matrix from the definition: tile (r, c) is stored iff r ^ c is 0 or 2^i, i < k, in slot j
+    # where (1 << j) >> 1 == r ^ c
+    slot_of_offset = {(1 << j) >> 1: j for j in range(k + 1)}
+    dense = torch.zeros(out_f, in_f, dtype=torch.float64)
+    for r in range(bs):
+        for c in range(bs):
+            if (r ^ c) in slot_of_offset:
+                dense[r * q:(r + 1) * q, c * p:(c + 1) * p] = weight[r, slot_of_offset[r ^ c]].double()
+    assert torch.equal(dense != 0, layout.element_mask())
+    x = torch.randn(tokens, in_f).to(dtype)
+    grad = torch.randn(tokens, out_f).to(dtype)
+    return layout, weight, dense, x, grad
+
+
+IMPLS = {"triton": triton_impl, "reference": reference}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_products_match_dense_masked_float64(impl, dtype, shape):
+    torch.manual_seed(hash((impl, str(dtype), shape)) % 2**31)
+    layout, weight, dense, x, grad = make_case(*shape, dtype)
+    bias = torch.randn(layout.out_features).to(dtype)
+    x64, g64 = x.double(), grad.double()
+    tol = TOLERANCE[dtype]
+    mod = IMPLS[impl]
+    if impl == "triton":  # poison the outputs: every element must be written
+        y = mod.butterfly_matmul(x, weight, bias, out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
+        dx = mod.butterfly_matmul_t(grad, weight, out=torch.full_like(x, float("nan")))
+        dw = mod.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size, out=torch.full_like(weight, float("nan")))
+    else:
+        y = mod.butterfly_matmul(x, weight, bias)
+        dx = mod.butterfly_matmul_t(grad, weight)
+        dw = mod.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert rel_err(y, x64 @ dense.T + bias.double()) < tol
+    assert rel_err(dx, g64 @ dense) < tol
+    dw_dense = (g64.T @ x64) * dense_mask(layout)
+    assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < tol
+
+
+def test_dense_round_trip_and_layout_agree():
+    layout = FlatButterflyLayout(96, 192, 4, 2, block_size=16)
+    w = torch.randn(4, 3, 24, 48)
+    dense = reference.butterfly_to_dense(w)
+    assert torch.equal(dense != 0, layout.element_mask())
+    assert torch.equal(reference.dense_to_butterfly(dense, 4, 3), w)
+
+
+def test_triton_launcher_rejects_bad_inputs():
+    w = torch.randn(4, 2, 16, 16)
+    with pytest.raises(ValueError, match="input has 48 features, the weight expects 64"):
+        triton_impl.butterfly_matmul(torch.randn(8, 48), w)
+    with pytest.raises(TypeError, match="torch.int32"):
+        triton_impl.butterfly_matmul(torch.ones(8, 64, dtype=torch.int32), w)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        triton_impl.butterfly_matmul(torch.randn(8, 64), w, out=torch.empty(8, 32))

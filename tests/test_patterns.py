@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from pixelfly_hf.patterns import FlatButterflyLayout, MatrixPlan, _candidate_layouts, butterfly_offsets, plan_matrix, validate_rank
+
+
+@pytest.mark.parametrize("bs,k", [(2, 1), (4, 0), (8, 2), (16, 2), (16, 4), (32, 3)])
+def test_tile_mask_is_the_xor_pattern(bs, k):
+    layout = FlatButterflyLayout(bs * 16, bs * 32, bs, k, block_size=16)
+    mask = layout.tile_mask()
+    allowed = {0} | {1 << i for i in range(k)}
+    expected = torch.tensor([[(r ^ c) in allowed for c in range(bs)] for r in range(bs)])
+    assert torch.equal(mask, expected)
+    assert torch.equal(mask, mask.T)  # symmetric: the transpose reads the same offsets
+    assert (mask.sum(0) == k + 1).all() and (mask.sum(1) == k + 1).all()
+    assert layout.density == pytest.approx((k + 1) / bs)
+    elem = layout.element_mask()
+    assert elem.shape == (bs * 16, bs * 32)
+    assert elem.float().mean().item() == pytest.approx(layout.density)
+    assert layout.num_params == int(elem.sum())
+
+
+def test_offsets_and_input_tiles():
+    assert butterfly_offsets(0) == [0]
+    assert butterfly_offsets(3) == [0, 1, 2, 4]
+    layout = FlatButterflyLayout(128, 256, 8, 2, block_size=16)
+    assert layout.tile_shape == (16, 32)
+    assert layout.input_tiles()[5].tolist() == [5, 4, 7]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(out_features=96, in_features=96, butterfly_size=3, n_factors=1), "butterfly_size=3 must be a power of 2"),
+        (dict(out_features=96, in_features=96, butterfly_size=1, n_factors=0), "butterfly_size=1"),
+        (dict(out_features=128, in_features=128, butterfly_size=8, n_factors=4), r"n_factors=4 .* \[0, 3\]"),
+        (dict(out_features=128, in_features=128, butterfly_size=8, n_factors=-1), "n_factors=-1"),
+        (dict(out_features=100, in_features=128, butterfly_size=8, n_factors=1, block_size=16), "out_features=100 is not divisible by butterfly_size=8.*largest power of 2 dividing it: 4"),
+        (dict(out_features=256, in_features=72, butterfly_size=16, n_factors=1, block_size=16), "in_features=72 is not divisible"),
+        (dict(out_features=256, in_features=256, butterfly_size=16, n_factors=2), r"tiles 16 wide, smaller than block_size=32.*butterfly_size <= 8"),
+        (dict(out_features=256, in_features=256, butterfly_size=4, n_factors=1, block_size=24), "block_size=24"),
+    ],
+)
+def test_layout_rejects_bad_values_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FlatButterflyLayout(**kwargs)
+
+
+@pytest.mark.parametrize("rank", [-1, 65, 2.5])
+def test_rank_validation(rank):
+    with pytest.raises(ValueError, match=f"rank={rank}"):
+        validate_rank(rank, 64, 128)
+
+
+# (out, in) of every targeted matrix: GPT-2 small/medium (c_attn, c_proj, c_fc, mlp.c_proj),
+# BERT-base and ViT-B (q/k/v/o, fc1, fc2)
+MODEL_SHAPES = {
+    "gpt2-small": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],
+    "gpt2-medium": [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)],
+    "bert-base": [(768, 768), (3072, 768), (768, 3072)],
+    "vit-b": [(768, 768), (3072, 768), (768, 3072)],
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
+@pytest.mark.parametrize("budget", [0.1, 0.2, 0.25, 0.3, 0.4, 0.5])
+def test_planner_fits_budget_and_spends_it(model, budget):
+    for out_f, in_f in MODEL_SHAPES[model]:
+        plan = plan_matrix(out_f, in_f, budget, block_size=32, rank=32)
+        assert plan.density <= budget + 1e-12
+        q, p = plan.layout.tile_shape
+        assert min(q, p) >= 32
+        assert plan == plan_matrix(out_f, in_f, budget, block_size=32, rank=32)  # deterministic
+        # no other valid layout with the same rank fits the budget with a denser sparse part
+        lowrank = plan.rank * (out_f + in_f)
+        for bs, k in _candidate_layouts(out_f, in_f, 32):
+            sparse = (k + 1) * out_f * in_f // bs
+            if sparse + lowrank <= budget * out_f * in_f:
+                assert sparse <= plan.layout.num_params
+        assert f"{in_f}->{out_f}" in plan.summary() and "budget" in plan.summary()
+
+
+def test_planner_known_choices():
+    plan = plan_matrix(3072, 768, 0.25)
+    assert (plan.butterfly_size, plan.n_factors, plan.rank) == (16, 2, 32)
+    assert plan.density == pytest.approx(0.1875 + 32 * (3072 + 768) / (3072 * 768))
+    # a small budget squeezes the rank before giving up
+    tight = plan_matrix(1024, 1024, 0.08)
+    assert tight.rank < 32 and tight.density <= 0.08
+    assert isinstance(tight, MatrixPlan)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, "0.25"])
+def test_planner_rejects_bad_density(density):
+    with pytest.raises(ValueError, match="density="):
+        plan_matrix(768, 768, density)
+
+
+def test_planner_explains_impossible_budgets():
+    with pytest.raises(ValueError, match=r"below the sparsest layout .* raise density or lower block_size"):
+        plan_matrix(768, 768, 0.01)
+    with pytest.raises(ValueError, match="no flat butterfly layout of 48->48"):
+        plan_matrix(48, 48, 0.5, block_size=32)
+    assert math.isclose(plan_matrix(768, 768, 1.0, rank=0).density, 1.0)
