@@ -1,0 +1,296 @@
+"""Pixelfly attention for transformers: settings, the registered "pixelfly" attention function and
+mask function, and dispatch between dense SDPA, the PyTorch reference and FlexAttention.
+
+Math (see ``pixelfly_kernels.butterfly_attention``): one softmax over the union of a flat block
+butterfly pattern over sequence blocks (+ neighbouring blocks), the first ``low_rank`` positions as
+global tokens (keys for everyone; also queries over everything when bidirectional), causality and
+the padding mask. Decode steps: the query at absolute position p (= kv_len - q_len + i with a
+KV cache) attends to exactly the keys allowed for p in a full forward, so cached and uncached
+generation agree.
+
+Usage: ``import pixelfly_hf`` registers "pixelfly"; a model then needs
+``config.pixelfly_attention = AttentionSettings(...).to_dict()`` and ``attn_implementation="pixelfly"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from functools import lru_cache
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from pixelfly_kernels.attention_reference import (
+    masked_softmax_attention,
+    random_feature_projection,
+    sparse_performer_attention,
+)
+from pixelfly_kernels.butterfly_attention import (
+    PatternSpec,
+    block_density,
+    dense_pattern,
+    flex_pixelfly_attention,
+    sparse_part_allows,
+)
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "pixelfly"
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOW_RANK_KINDS = ("global_tokens", "performer")
+# FlexAttention needs BlockMask blocks that its GPU tiles divide; 64-token blocks fail in backward.
+MIN_GPU_BLOCK_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """Pixelfly attention options (stored as a plain dict in ``config.pixelfly_attention``).
+
+    block_size: tokens per sequence block (kernel tile; >= 128 for the GPU path, small in tests).
+    butterfly_size: period of the XOR pattern in blocks (power of two >= 2**n_factors), or None for
+        no period (each block links to blocks within its aligned group of 2**n_factors blocks).
+        With a period P, block i also reaches blocks j with (i XOR j) mod P in the set, i.e. a
+        strided long-range pattern of density about (n_factors + 1) / P.
+    n_factors: number of butterfly factors k; block (i, j) allowed iff i XOR j in {0, 1, ..., 2**(k-1)}.
+    low_rank: size of the global term: number of global tokens (the first positions), or of random
+        features for low_rank_kind="performer".
+    low_rank_kind: "global_tokens" (fast FlexAttention path) or "performer" (Scatterbrain-style
+        random features; PyTorch reference only, O(S^2) memory, for quality comparisons).
+    min_seq_len_for_sparse: shorter sequences use dense SDPA.
+    max_density_for_sparse: sequences whose tile density exceeds this use dense SDPA (FlexAttention
+        runs at ~0.7x of cuDNN per FLOP on H200, so it cannot win above ~0.6).
+    seed: seed of the random-feature projection (performer only).
+    """
+
+    block_size: int = 128
+    butterfly_size: int | None = None
+    n_factors: int = 3
+    low_rank: int = 64
+    low_rank_kind: str = "global_tokens"
+    min_seq_len_for_sparse: int = 2048
+    max_density_for_sparse: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        def fail(name, value, fix):
+            raise ValueError(f"pixelfly_attention.{name}={value!r} is invalid: {fix}")
+
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            fail("block_size", self.block_size, "use a power of two >= 16 (128 on GPU)")
+        if not isinstance(self.n_factors, int) or self.n_factors < 1:
+            fail("n_factors", self.n_factors, "use an integer >= 1")
+        if self.butterfly_size is not None:
+            bs = self.butterfly_size
+            if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+                fail("butterfly_size", bs, "use a power of two >= 2 (a number of sequence blocks) or None")
+            if 2**self.n_factors > bs:
+                fail("n_factors", self.n_factors, f"use n_factors <= log2(butterfly_size) = {int(math.log2(bs))}")
+        if not isinstance(self.low_rank, int) or self.low_rank < 0:
+            fail("low_rank", self.low_rank, "use an integer >= 0 (0 disables the global term)")
+        if self.low_rank_kind not in LOW_RANK_KINDS:
+            fail("low_rank_kind", self.low_rank_kind, f"use one of {LOW_RANK_KINDS}")
+        if not isinstance(self.min_seq_len_for_sparse, int) or self.min_seq_len_for_sparse < 0:
+            fail("min_seq_len_for_sparse", self.min_seq_len_for_sparse, "use an integer >= 0")
+        if not 0 < self.max_density_for_sparse <= 1:
+            fail("max_density_for_sparse", self.max_density_for_sparse, "use a number in (0, 1]")
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "AttentionSettings":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown pixelfly_attention option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def pattern(self) -> PatternSpec:
+        n_global = self.low_rank if self.low_rank_kind == "global_tokens" else 0
+        return PatternSpec(self.block_size, self.butterfly_size, self.n_factors, n_global)
+
+
+@lru_cache(maxsize=32)
+def _settings_from_items(items: tuple) -> AttentionSettings:
+    return AttentionSettings.from_dict(dict(items))
+
+
+def settings_of(module: torch.nn.Module) -> AttentionSettings:
+    """The settings in ``module.config.pixelfly_attention`` (defaults when absent)."""
+    options = getattr(getattr(module, "config", None), "pixelfly_attention", None)
+    if isinstance(options, AttentionSettings):
+        return options
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(
+            f"config.pixelfly_attention must be a dict, got {type(options).__name__}; "
+            "store AttentionSettings(...).to_dict()"
+        )
+    return _settings_from_items(tuple(sorted((options or {}).items())))
+
+
+_logged_choices: set = set()
+
+
+def choose_attention(seq_len: int, settings: AttentionSettings | None = None, causal: bool = True) -> str:
+    """"pixelfly" or "sdpa" for a sequence of ``seq_len`` tokens: dense SDPA where sparse cannot win
+    (too short, or tile density above ``max_density_for_sparse``). Depends only on the length and
+    the settings, never on the device, so CPU and GPU compute the same function. Logs its choice
+    once per (seq_len, settings, causal)."""
+    settings = settings or AttentionSettings()
+    density = block_density(seq_len, settings.pattern(), causal)
+    if seq_len < settings.min_seq_len_for_sparse:
+        choice, why = "sdpa", f"shorter than min_seq_len_for_sparse={settings.min_seq_len_for_sparse}"
+    elif density > settings.max_density_for_sparse:
+        choice, why = "sdpa", f"tile density {density:.2f} > max_density_for_sparse={settings.max_density_for_sparse}"
+    else:
+        choice, why = "pixelfly", f"tile density {density:.2f}"
+    key = (seq_len, settings, causal)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info("pixelfly attention: seq_len=%d causal=%s -> %s (%s)", seq_len, causal, choice, why)
+    return choice
+
+
+def _validate(query, key, value, attention_mask):
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"pixelfly attention expects query/key/value of shape (batch, heads, seq, head_dim), got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    head_dim = query.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS or key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        raise ValueError(
+            f"pixelfly attention: head_dim={head_dim} (key {key.shape[-1]}, value {value.shape[-1]}) is "
+            f"unsupported; use equal head dims in {SUPPORTED_HEAD_DIMS} or attn_implementation='sdpa'"
+        )
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"pixelfly attention: dtype {query.dtype} (key {key.dtype}, value {value.dtype}) is unsupported; "
+            "use float32, float16 or bfloat16 for all of query/key/value"
+        )
+    if attention_mask is not None:
+        b, h, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        shape = tuple(attention_mask.shape)
+        ok = (
+            attention_mask.dim() == 4
+            and shape[0] in (1, b)
+            and shape[1] in (1, h)
+            and shape[2] == q_len
+            and shape[3] == kv_len
+        )
+        if not ok:
+            raise ValueError(
+                f"pixelfly attention: attention_mask of shape {shape} does not fit (batch={b}, heads={h}, "
+                f"q_len={q_len}, kv_len={kv_len}); pass a 4-D mask (batch or 1, 1 or heads, {q_len}, {kv_len}) "
+                "as built by transformers' mask interface (import pixelfly_hf before creating the model)"
+            )
+
+
+def _as_keep(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """True = may attend. Additive float masks (0 / large negative) are converted."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def pixelfly_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q/k/v (B, heads, S, D) -> ((B, S, heads, D), None)."""
+    settings = settings_of(module)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len != kv_len and not causal:
+        # cross-attention: the pattern relates positions of one sequence, so it has no meaning here
+        _warn_once("pixelfly attention: cross-attention (q_len != kv_len, not causal) uses dense SDPA")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if choose_attention(kv_len, settings, causal) == "sdpa":
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    _validate(query, key, value, attention_mask)
+    if dropout > 0:
+        _warn_once(
+            f"pixelfly attention ignores attention dropout p={dropout} (FlexAttention has none); set the "
+            "model's attention dropout (attn_pdrop / attention_probs_dropout_prob) to 0.0 to silence this"
+        )
+    if kwargs.get("output_attentions", False):
+        _warn_once("pixelfly attention does not return attention weights (output_attentions is ignored)")
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    keep = _as_keep(attention_mask)
+    spec = settings.pattern()
+    if settings.low_rank_kind == "global_tokens" and query.is_cuda and q_len == kv_len:
+        if settings.block_size < MIN_GPU_BLOCK_SIZE:
+            raise ValueError(
+                f"pixelfly attention: block_size={settings.block_size} is below {MIN_GPU_BLOCK_SIZE}, the "
+                f"smallest FlexAttention block that compiles for training on GPU; set block_size={MIN_GPU_BLOCK_SIZE}"
+            )
+        out = flex_pixelfly_attention(query, key, value, spec, causal, scale, keep)
+    else:
+        out = reference_pixelfly_attention(query, key, value, keep, settings, causal, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def reference_pixelfly_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keep: torch.Tensor | None,
+    settings: AttentionSettings,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """PyTorch reference (B, H, S, D) -> (B, H, S, D). With a KV cache (q_len < kv_len, causal) the
+    queries are the last q_len positions."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    spec = settings.pattern()
+    offset = kv_len - q_len
+    allowed = dense_pattern(q_len, kv_len, spec, causal, device=query.device, q_offset=offset)
+    if keep is not None:
+        allowed = allowed & keep
+    if settings.low_rank_kind == "global_tokens":
+        return masked_softmax_attention(query, key, value, allowed, scale)
+    q_idx = torch.arange(q_len, device=query.device)[:, None] + offset
+    kv_idx = torch.arange(kv_len, device=query.device)[None, :]
+    sparse = sparse_part_allows(q_idx, kv_idx, spec, causal)
+    proj = _feature_projection(settings.low_rank, query.shape[-1], settings.seed, query.device)
+    return sparse_performer_attention(query, key, value, allowed, sparse, proj, scale)
+
+
+@lru_cache(maxsize=16)
+def _feature_projection(n_features: int, head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    if n_features < 1:
+        raise ValueError("pixelfly_attention.low_rank=0 with low_rank_kind='performer': use low_rank >= 1 features")
+    return random_feature_projection(n_features, head_dim, seed, device)
+
+
+AttentionInterface.register(ATTENTION_NAME, pixelfly_attention_forward)
+# Without a mask function registered under the same name, transformers hands the attention None
+# instead of the padding mask. sdpa's boolean (B, 1, Q, KV) mask (None when plainly causal) fits.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
