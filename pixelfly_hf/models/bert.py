@@ -1,0 +1,47 @@
+"""Pixelfly BERT: BertModel, BertForSequenceClassification and BertForMaskedLM."""
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+)
+
+from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
+
+
+class PixelflyBertConfig(PixelflyConfigMixin, BertConfig):
+    model_type = "pixelfly_bert"
+    pixelfly: dict | None = None
+    pixelfly_attention: dict | None = None
+
+
+class PixelflyBertModel(PixelflyModelMixin, BertModel):
+    config_class = PixelflyBertConfig
+
+
+class PixelflyBertForSequenceClassification(PixelflyModelMixin, BertForSequenceClassification):
+    config_class = PixelflyBertConfig
+
+
+class PixelflyBertForMaskedLM(PixelflyModelMixin, BertForMaskedLM):
+    config_class = PixelflyBertConfig
+
+
+register_architecture(
+    Architecture(
+        name="bert",
+        config_class=PixelflyBertConfig,
+        roles={
+            "attn": r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
+            "mlp": r"encoder\.layer\.\d+\.(intermediate|output)\.dense",
+        },
+        models={
+            BertModel: (PixelflyBertModel, AutoModel),
+            BertForSequenceClassification: (PixelflyBertForSequenceClassification, AutoModelForSequenceClassification),
+            BertForMaskedLM: (PixelflyBertForMaskedLM, AutoModelForMaskedLM),
+        },
+    )
+)

@@ -1,0 +1,44 @@
+"""Pixelfly GPT-2: GPT2Model, GPT2LMHeadModel and GPT2ForSequenceClassification (Conv1D matrices)."""
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
+
+from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
+
+
+class PixelflyGPT2Config(PixelflyConfigMixin, GPT2Config):
+    model_type = "pixelfly_gpt2"
+    pixelfly: dict | None = None
+    pixelfly_attention: dict | None = None
+
+
+class PixelflyGPT2Model(PixelflyModelMixin, GPT2Model):
+    config_class = PixelflyGPT2Config
+
+
+class PixelflyGPT2LMHeadModel(PixelflyModelMixin, GPT2LMHeadModel):
+    config_class = PixelflyGPT2Config
+
+
+class PixelflyGPT2ForSequenceClassification(PixelflyModelMixin, GPT2ForSequenceClassification):
+    config_class = PixelflyGPT2Config
+
+
+register_architecture(
+    Architecture(
+        name="gpt2",
+        config_class=PixelflyGPT2Config,
+        roles={"attn": r"h\.\d+\.attn\.(c_attn|c_proj)", "mlp": r"h\.\d+\.mlp\.(c_fc|c_proj)"},
+        models={
+            GPT2Model: (PixelflyGPT2Model, AutoModel),
+            GPT2LMHeadModel: (PixelflyGPT2LMHeadModel, AutoModelForCausalLM),
+            GPT2ForSequenceClassification: (PixelflyGPT2ForSequenceClassification, AutoModelForSequenceClassification),
+        },
+    )
+)

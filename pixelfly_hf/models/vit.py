@@ -1,0 +1,31 @@
+"""Pixelfly ViT (transformers >= 5.9 layout: layers[i].attention.{q,k,v,o}_proj, layers[i].mlp.{fc1,fc2})."""
+from transformers import AutoModel, AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+
+from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
+
+
+class PixelflyViTConfig(PixelflyConfigMixin, ViTConfig):
+    model_type = "pixelfly_vit"
+    pixelfly: dict | None = None
+    pixelfly_attention: dict | None = None
+
+
+class PixelflyViTModel(PixelflyModelMixin, ViTModel):
+    config_class = PixelflyViTConfig
+
+
+class PixelflyViTForImageClassification(PixelflyModelMixin, ViTForImageClassification):
+    config_class = PixelflyViTConfig
+
+
+register_architecture(
+    Architecture(
+        name="vit",
+        config_class=PixelflyViTConfig,
+        roles={"attn": r"layers\.\d+\.attention\.[qkvo]_proj", "mlp": r"layers\.\d+\.mlp\.fc[12]"},
+        models={
+            ViTModel: (PixelflyViTModel, AutoModel),
+            ViTForImageClassification: (PixelflyViTForImageClassification, AutoModelForImageClassification),
+        },
+    )
+)
