@@ -17,7 +17,6 @@ that union normalises both jointly and a key in both sets is counted once.
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -144,6 +143,8 @@ def _maybe_compiled(fn, device: torch.device):
     if device.type != "cuda":
         return fn
     if fn not in _COMPILED:
+        # one specialisation per (shape, pattern); dynamo's default of 8 would silently drop to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn]
 
@@ -193,7 +194,3 @@ def flex_pixelfly_attention(
             keep = torch.nn.functional.pad(keep, (0, pad, 0, pad), value=False)
             out = _maybe_compiled(_flex_full_mask, device)(query, key, value, block_mask, scale, keep)
     return out[:, :, :s] if pad else out
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

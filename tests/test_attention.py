@@ -273,7 +273,9 @@ def test_bad_inputs_name_the_value_and_fix():
 def test_flex_gpu_bf16_matches_reference(causal):
     from pixelfly_hf.attention import reference_pixelfly_attention
 
-    settings = AttentionSettings(block_size=128, n_factors=2, low_rank=32, min_seq_len_for_sparse=0)
+    settings = AttentionSettings(
+        block_size=128, n_factors=2, low_rank=32, min_seq_len_for_sparse=0, max_density_for_sparse=1.0
+    )
     module = FakeModule(causal, **settings.to_dict())
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3))
