@@ -20,6 +20,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr,
@@ -27,7 +28,7 @@ def _butterfly_mm_kernel(
     stride_am, stride_om,
     stride_wr, stride_wj, stride_wn, stride_wk,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -39,23 +40,30 @@ def _butterfly_mm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_PATCH
+    a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in tl.static_range(F):
+    # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries
+    k_steps = tl.cdiv(K_PATCH, BLOCK_K)
+    for step in range(0, F * k_steps):
+        j = step // k_steps
+        k0 = (step - j * k_steps) * BLOCK_K
         partner = r ^ ((1 << j) >> 1)
         # forward reads weight[r, j] transposed; dX reads weight[partner, j] as stored
         w_row = partner if PARTNER_WEIGHT else r
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_k[None, :]
-        w_ptrs = w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        for k0 in range(0, K_PATCH, BLOCK_K):
+        a_ptrs = a_rows + partner * K_PATCH + k0
+        w_ptrs = w_cols + w_row * stride_wr + j * stride_wj + k0 * stride_wk
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
             mask_k = offs_k + k0 < K_PATCH
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:  # the interpreter computes bf16 wrongly; fp32 there is exact enough
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+        if UPCAST:  # the interpreter computes bf16 wrongly; fp32 there is exact enough
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
@@ -68,22 +76,23 @@ def _butterfly_dw_kernel(
     M, Q, P,
     stride_gm, stride_xm,
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
     pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
     pid_t = tl.program_id(1)
     r = pid_rj // F
     j = pid_rj % F
     partner = r ^ ((1 << j) >> 1)
-    tiles_p = tl.cdiv(P, BLOCK_P)
-    offs_q = (pid_t // tiles_p) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_p = (pid_t % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    tiles_p = tl.cdiv(P, BLOCK_N)
+    offs_q = (pid_t // tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = (pid_t % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_q = offs_q < Q
     mask_p = offs_p < P
-    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_Q, BLOCK_K)
+    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
     x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
-    acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
         mask_k = offs_k + k0 < M
         g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
@@ -100,6 +109,51 @@ def _butterfly_dw_kernel(
 
 def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _config(block_m, block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+# (rows, cols, k) tiles tried on the GPU; pruned to what the patch sizes can fill. For the dW kernel the
+# rows/cols are the tile's (q, p) and k runs over tokens.
+TUNING_CONFIGS = [
+    _config(128, 128, 64, 8, 3), _config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 3),
+    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 32, 32, 4, 4),
+]
+
+
+def _prune(configs, named_args, rows: str, cols: str, k: str):
+    """Keep configs whose tiles are no larger than the next power of 2 of what they cover."""
+    limits = {key: max(16, triton.next_power_of_2(named_args[arg])) for key, arg in
+              (("BLOCK_M", rows), ("BLOCK_N", cols), ("BLOCK_K", k))}
+    kept = [c for c in configs if all(c.kwargs[key] <= limit for key, limit in limits.items())]
+    return kept or configs[-1:]
+
+
+_butterfly_mm_tuned = triton.autotune(
+    configs=TUNING_CONFIGS,
+    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "M", "N_PATCH", "K_PATCH")},
+    cache_results=True,
+)(_butterfly_mm_kernel)
+
+_butterfly_dw_tuned = triton.autotune(
+    configs=TUNING_CONFIGS,
+    key=["M", "Q", "P", "F"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "Q", "P", "M")},
+    cache_results=True,
+)(_butterfly_dw_kernel)
+
+
+def _launch(kernel, tuned, grid, args, kwargs, config, default):
+    """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune)."""
+    if config is None and not INTERPRET:
+        tuned[grid](*args, **kwargs)
+        return
+    block_m, block_n, block_k, warps, stages = config or default
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -130,7 +184,7 @@ def _output(out, shape, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool, out) -> torch.Tensor:
+def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool, out, config) -> torch.Tensor:
     _check("input", a, 2)
     _check("weight", weight, 4)
     B, F, q, p = weight.shape
@@ -143,34 +197,33 @@ def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool
     out = _output(out, (M, B * n_patch), a)
     sr, sj, sq, sp = weight.stride()
     stride_wn, stride_wk = (sp, sq) if partner_weight else (sq, sp)
-    block_m = _tile(M, 16, 128)
-    block_n = _tile(n_patch, 16, 128)
-    block_k = _tile(k_patch, 16, 64)
-    grid = (triton.cdiv(M, block_m), B * triton.cdiv(n_patch, block_n))
-    _butterfly_mm_kernel[grid](
-        a, weight, bias if bias is not None else a, out,
-        M, n_patch, k_patch,
-        a.stride(0), out.stride(0),
-        sr, sj, stride_wn, stride_wk,
-        F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
-        UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
-    )
+
+    def grid(meta):
+        return triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"])
+
+    args = (a, weight, bias if bias is not None else a, out, M, n_patch, k_patch, a.stride(0), out.stride(0),
+            sr, sj, stride_wn, stride_wk)
+    kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None, UPCAST=INTERPRET,
+                  DOT_PRECISION=_dot_precision(a.dtype))
+    default = (_tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3)
+    _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default)
     return out
 
 
-def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
-    """Y = X @ S^T (+ bias): x (T, in), weight (B, F, q, p), bias (out,) or None -> (T, out)."""
-    return _launch_mm(x, weight, bias, partner_weight=False, out=out)
+def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None, config=None) -> torch.Tensor:
+    """Y = X @ S^T (+ bias): x (T, in), weight (B, F, q, p), bias (out,) or None -> (T, out).
+
+    config: (block_m, block_n, block_k, num_warps, num_stages) to bypass the autotuner (benchmarks).
+    """
+    return _launch_mm(x, weight, bias, partner_weight=False, out=out, config=config)
 
 
-def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
+def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor, out=None, config=None) -> torch.Tensor:
     """dX = dY @ S: grad (T, out), weight (B, F, q, p) -> (T, in)."""
-    return _launch_mm(grad, weight, None, partner_weight=True, out=out)
+    return _launch_mm(grad, weight, None, partner_weight=True, out=out, config=config)
 
 
-def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None) -> torch.Tensor:
+def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
     """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
     _check("grad", grad, 2)
     _check("input", x, 2)
@@ -182,16 +235,12 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
     dw = _output(out, (B, F, q, p), x)
-    block_q = _tile(q, 16, 128)
-    block_p = _tile(p, 16, 128)
-    block_k = _tile(M, 16, 64)
-    grid = (B * F, triton.cdiv(q, block_q) * triton.cdiv(p, block_p))
-    _butterfly_dw_kernel[grid](
-        grad, x, dw,
-        M, q, p,
-        grad.stride(0), x.stride(0),
-        F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_K=block_k,
-        num_warps=8 if block_q * block_p >= 128 * 128 else 4, num_stages=3,
-    )
+
+    def grid(meta):
+        return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"])
+
+    args = (grad, x, dw, M, q, p, grad.stride(0), x.stride(0))
+    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype))
+    default = (_tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3)
+    _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
     return dw

@@ -1,5 +1,7 @@
 """The three butterfly products, Triton (CPU interpreter here, CUDA in benchmarks/check_gpu.py) and reference,
 against a float64 dense masked matmul on fresh random inputs."""
+import zlib
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ IMPLS = {"triton": triton_impl, "reference": reference}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_products_match_dense_masked_float64(impl, dtype, shape):
-    torch.manual_seed(hash((impl, str(dtype), shape)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((impl, dtype, shape)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     bias = torch.randn(layout.out_features).to(dtype)
     x64, g64 = x.double(), grad.double()
