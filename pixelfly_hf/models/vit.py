@@ -1,5 +1,6 @@
 """Pixelfly ViT (transformers >= 5.9 layout: layers[i].attention.{q,k,v,o}_proj, layers[i].mlp.{fc1,fc2})."""
 from transformers import AutoModel, AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
 
@@ -17,6 +18,12 @@ class PixelflyViTModel(PixelflyModelMixin, ViTModel):
 class PixelflyViTForImageClassification(PixelflyModelMixin, ViTForImageClassification):
     config_class = PixelflyViTConfig
 
+
+# transformers renames ViT checkpoint keys to the >= 5.9 layout on load (and back on save) for its own classes;
+# give the top-level PixelflyViTModel the same renaming so its checkpoints match ViTForImageClassification's.
+register_checkpoint_conversion_mapping(
+    PixelflyViTModel.__name__, get_checkpoint_conversion_mapping(ViTModel.__name__), overwrite=True
+)
 
 register_architecture(
     Architecture(
