@@ -1,0 +1,509 @@
+"""Code shared by the accelerate recipes (gpt2_wikitext.py, vit_cifar.py, bert_glue.py).
+
+Each recipe reads top to bottom: flags -> Accelerator -> data -> model (+ Pixelfly) -> optimizer ->
+``fit`` -> save. This module holds the parts that are the same for all three: the shared flags and
+their validation, the Pixelfly projection, the optimizer and schedule, the training loop with
+atomic checkpoints and exact resume, metrics through local ``evaluate`` modules, and the final
+save / model card / Hub upload.
+"""
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration
+from tqdm.auto import tqdm
+from transformers import SchedulerType, get_scheduler
+
+import pixelfly_hf  # noqa: F401  (registers the Pixelfly model types with the transformers Auto classes)
+
+RECIPES_DIR = Path(__file__).resolve().parent
+METRICS_DIR = RECIPES_DIR / "metrics"
+DATA_DIR = RECIPES_DIR / "data"
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.jsonl"
+TMP_PREFIX = ".tmp-"
+
+logger = get_logger(__name__)
+
+
+class RecipeError(ValueError):
+    """A bad flag or input, reported before training starts."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3):
+    """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size)
+    g.add_argument("--learning_rate", type=float, default=learning_rate,
+                   help="peak learning rate" + ("" if learning_rate else " (default: the model preset's)"))
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    g.add_argument("--num_train_epochs", type=int, default=epochs)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear",
+                   choices=[s.value for s in SchedulerType])
+    g.add_argument("--num_warmup_steps", type=int, default=0)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--eval_steps", type=int, default=0,
+                   help="evaluate every N optimizer steps (0: only before and after training)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="truncate the training set")
+    g.add_argument("--max_eval_samples", type=int, default=None, help="truncate the evaluation set")
+    g.add_argument("--preprocessing_num_workers", type=int, default=None)
+    g.add_argument("--logging_steps", type=int, default=10, help="log loss, lr and throughput every N steps")
+    g.add_argument("--output_dir", type=str, default=output_dir)
+    g.add_argument("--checkpointing_steps", type=str, default=None,
+                   help="save a resumable checkpoint every N optimizer steps, or 'epoch'")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="a checkpoint folder, or 'latest' (the newest complete one in --output_dir)")
+    g.add_argument("--with_tracking", action="store_true", help="log to the trackers in --report_to")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help="accelerate tracker(s): tensorboard, wandb, ... or 'all'")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", type=str, default=None)
+    g.add_argument("--hub_token", type=str, default=None)
+    g.add_argument("--hub_private_repo", action="store_true")
+    return parser
+
+
+def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, low_rank=32, block_size=32):
+    g = parser.add_argument_group("pixelfly")
+    g.add_argument("--dense", action="store_true",
+                   help="train the same model without Pixelfly (the baseline for comparisons)")
+    g.add_argument("--density", type=float, default=density,
+                   help="fraction of the dense parameters kept in each targeted matrix, in (0, 1]")
+    g.add_argument("--low_rank", type=int, default=low_rank, help="rank of the low-rank term (0: none)")
+    g.add_argument("--pixelfly_block_size", type=int, default=block_size,
+                   help="the kernel's minimum tile edge (power of 2); small models need small tiles")
+    g.add_argument("--pixelfly_attention", choices=["dense", "pixelfly"], default="dense",
+                   help="attention scores: dense SDPA, or Pixelfly block-sparse + low-rank attention")
+    g.add_argument("--target_modules", nargs="+", default=list(target_modules),
+                   help="which matrices to replace, e.g. attn mlp")
+    return parser
+
+
+def check_args(args):
+    """Validate flags that need no data or model. Raises RecipeError naming the bad value and the fix."""
+    if not args.dense:
+        if not 0.0 < args.density <= 1.0:
+            raise RecipeError(f"--density {args.density} is out of range: give a fraction in (0, 1], "
+                              "e.g. --density 0.25 (or --dense for no Pixelfly)")
+        if args.low_rank < 0:
+            raise RecipeError(f"--low_rank {args.low_rank} is negative: give 0 (no low-rank term) or a rank like 32")
+        bs = args.pixelfly_block_size
+        if bs < 1 or bs & (bs - 1):
+            raise RecipeError(f"--pixelfly_block_size {bs} is not a power of 2: use 16, 32, 64 or 128")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "num_train_epochs", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise RecipeError(f"--{flag} {getattr(args, flag)} must be >= 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise RecipeError(f"--max_train_steps {args.max_train_steps} must be >= 1")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            raise RecipeError(f"--checkpointing_steps {args.checkpointing_steps!r}: give a positive number of "
+                              "optimizer steps or 'epoch'")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = Path(args.output_dir).resolve().name
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise RecipeError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder; give a "
+                          f"checkpoint folder (e.g. {args.output_dir}/step_100) or 'latest'")
+
+
+def check_column(dataset, column, flag):
+    if column not in dataset.column_names:
+        raise RecipeError(f"{flag} {column!r} is not a column of the dataset; its columns are "
+                          f"{dataset.column_names}. Pass {flag} with one of them.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def make_accelerator(args, project_name):
+    """Mixed precision, distribution and CPU use come from `accelerate launch` / its config file."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        # The shuffle order is a function of (seed, epoch) only, so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    accelerator.project_name = project_name
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def load_metric(name):
+    """An evaluate metric from recipes/metrics/<name>/ (works offline, unlike evaluate.load("<name>"))."""
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+def apply_pixelfly(model, args, accelerator):
+    """Replace the targeted dense matrices with Pixelfly ones (before accelerator.prepare).
+
+    Returns the model and its sparsity summary (None with --dense)."""
+    if args.dense:
+        return model, None
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    config = PixelflyConfig(density=args.density, target_modules=list(args.target_modules),
+                            block_size=args.pixelfly_block_size, low_rank=args.low_rank,
+                            attention=args.pixelfly_attention)
+    model = get_model(model, config)
+    if accelerator.is_main_process:
+        summary = model.print_sparsity_summary()
+    else:
+        summary = None
+    return model, summary
+
+
+def make_optimizer(model, args):
+    """AdamW; no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+
+
+def plan_steps(args, num_batches_per_epoch):
+    """Fill in max_train_steps / num_train_epochs from the prepared dataloader's length."""
+    steps_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise RecipeError("the training set gives no batches: add data, or lower --per_device_train_batch_size "
+                          "/ the sequence length")
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    return steps_per_epoch
+
+
+def make_scheduler(optimizer, args, accelerator, train_dataloader):
+    """The lr schedule over max_train_steps (call before prepare, with the unprepared dataloader)."""
+    plan_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    # A prepared scheduler steps once per process per optimizer step (accelerate/scheduler.py).
+    return get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+                         num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+
+def init_tracking(accelerator, args, project_name):
+    if not args.with_tracking:
+        return
+    config = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}
+    config = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()
+              if isinstance(v, (int, float, str, bool, list))}
+    accelerator.init_trackers(project_name, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp folder, fsynced, then renamed, so a folder named step_N / epoch_N
+# is always complete. A crash mid-write leaves only a .tmp-* folder, which is never loaded.
+
+
+def _fsync_tree(path):
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, output_dir, name, state):
+    """accelerator.save_state into output_dir/name atomically; `state` (a dict) goes to trainer_state.json."""
+    final = Path(output_dir) / name
+    tmp = Path(output_dir) / f"{TMP_PREFIX}{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its own RNG state into tmp
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after resuming from an older checkpoint
+            old = Path(output_dir) / f"{TMP_PREFIX}old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint_state(path):
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        raise RecipeError(f"{path} is not a complete checkpoint of these recipes (no {STATE_FILE}); "
+                          "give a step_N / epoch_N folder written by --checkpointing_steps")
+    return json.loads(state_file.read_text())
+
+
+def find_checkpoint(args):
+    """The checkpoint folder to resume from, or None."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        read_checkpoint_state(args.resume_from_checkpoint)
+        return Path(args.resume_from_checkpoint)
+    out = Path(args.output_dir)
+    candidates = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)
+                  and (p / STATE_FILE).is_file()] if out.is_dir() else []
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: read_checkpoint_state(p)["completed_steps"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+
+class TrainLog:
+    """One JSON line per logging step in output_dir/train_log.jsonl (main process), plus trackers."""
+
+    def __init__(self, accelerator, args, resumed_step):
+        """A fresh run starts a new log; a resumed one keeps the records up to its checkpoint."""
+        self.accelerator = accelerator
+        self.with_tracking = args.with_tracking
+        self.path = Path(args.output_dir) / LOG_FILE
+        if accelerator.is_main_process:
+            kept = []
+            if resumed_step is not None and self.path.is_file():
+                records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+                kept = [r for r in records if r["step"] <= resumed_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record, step):
+        if self.with_tracking:
+            self.accelerator.log(record, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+
+def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, evaluate_fn, count_fn,
+        unit="tokens"):
+    """The training loop of the *_no_trainer.py scripts, with exact resume.
+
+    evaluate_fn(model) -> dict of metrics (computed with gather_for_metrics, same on every process).
+    count_fn(batch) -> number of `unit`s (tokens, images, ...) in this process's batch, for throughput.
+    Returns {"initial_eval", "final_eval", "throughput", "train_seconds", "completed_steps"}.
+    """
+    plan_steps(args, len(train_dataloader))  # the prepared loader's length, per process
+    checkpoint_every = args.checkpointing_steps
+    resume_dir = find_checkpoint(args)
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0}
+    if resume_dir is not None:
+        state = read_checkpoint_state(resume_dir)
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training ***** examples/epoch = {len(train_dataloader.dataset)}, "
+                f"epochs = {args.num_train_epochs}, total batch = {total_batch}, "
+                f"optimizer steps = {args.max_train_steps}", main_process_only=True)
+    log = TrainLog(accelerator, args, state["completed_steps"] if resume_dir is not None else None)
+
+    result = {"initial_eval": None}
+    if resume_dir is None:
+        result["initial_eval"] = evaluate_fn(model)
+        accelerator.print(f"before training: {format_metrics(result['initial_eval'])}")
+        log.write({f"eval/{k}": v for k, v in result["initial_eval"].items()}, step=0)
+
+    if resume_dir is not None and state["completed_steps"] >= args.max_train_steps:
+        resume(accelerator, resume_dir, state["completed_steps"])  # already finished: just reload
+        resume_dir = None
+    progress = tqdm(range(args.max_train_steps), initial=state["completed_steps"],
+                    disable=not accelerator.is_local_main_process)
+    completed_steps = state["completed_steps"]
+    train_seconds, units_total = 0.0, 0
+    window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
+    for epoch in range(state["epoch"], args.num_train_epochs):
+        if completed_steps >= args.max_train_steps:
+            break
+        model.train()
+        skip = state["batches_in_epoch"] if (resume_dir is not None and epoch == state["epoch"]) else 0
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        first = next(batches, None)
+        if resume_dir is not None:
+            # Restore model/optimizer/scheduler/RNG only now: starting the data iterator above draws from
+            # the global RNG, which the uninterrupted run did before the checkpoint was written.
+            resume(accelerator, resume_dir, completed_steps)
+            resume_dir = None
+        batch_in_epoch = skip
+        tick = time.perf_counter()
+        for batch in itertools.chain([first], batches) if first is not None else ():
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            batch_in_epoch += 1
+            window_loss += loss.detach().double()
+            window_micro += 1
+            window_units += count_fn(batch)
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            now = time.perf_counter()
+            window_seconds += now - tick
+            if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
+                units = torch.tensor(float(window_units), dtype=torch.float64, device=accelerator.device)
+                stats = accelerator.reduce(torch.stack([window_loss / window_micro, units]), reduction="sum")
+                train_loss = stats[0].item() / accelerator.num_processes
+                units = int(stats[1].item())
+                record = {"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                          f"train/{unit}_per_second": units / window_seconds, "epoch": epoch}
+                log.write(record, step=completed_steps)
+                progress.set_postfix(loss=f"{train_loss:.4f}", **{f"{unit}/s": f"{units / window_seconds:,.0f}"})
+                train_seconds += window_seconds
+                units_total += units
+                window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
+            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < args.max_train_steps:
+                metrics = evaluate_fn(model)
+                model.train()
+                accelerator.print(f"step {completed_steps}: {format_metrics(metrics)}")
+                log.write({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
+            if checkpoint_every not in (None, "epoch") and completed_steps % int(checkpoint_every) == 0:
+                save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
+                                {"completed_steps": completed_steps, "epoch": epoch,
+                                 "batches_in_epoch": batch_in_epoch})
+            if completed_steps >= args.max_train_steps:
+                break
+            tick = time.perf_counter()
+        if checkpoint_every == "epoch":
+            save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}",
+                            {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0})
+    progress.close()
+
+    result["final_eval"] = evaluate_fn(model)
+    accelerator.print(f"after training ({completed_steps} steps): {format_metrics(result['final_eval'])}")
+    log.write({f"eval/{k}": v for k, v in result["final_eval"].items()}, step=completed_steps)
+    result.update(completed_steps=completed_steps, train_seconds=train_seconds,
+                  throughput=units_total / train_seconds if train_seconds else None, unit=unit)
+    if args.with_tracking:
+        accelerator.end_training()
+    return result
+
+
+def resume(accelerator, checkpoint, completed_steps):
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"resumed from {checkpoint} at step {completed_steps}")
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(accelerator, model, args, processor=None):
+    """safetensors weights + config (+ tokenizer / image processor) in args.output_dir."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; every process must call it
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=state_dict, safe_serialization=True)
+    if processor is not None and accelerator.is_main_process:
+        processor.save_pretrained(args.output_dir)
+    accelerator.wait_for_everyone()
+
+
+def write_results(args, result, sparsity, extra=None):
+    """all_results.json in output_dir (main process only)."""
+    results = {**{f"eval_{k}": v for k, v in result["final_eval"].items()},
+               **({f"initial_eval_{k}": v for k, v in result["initial_eval"].items()}
+                  if result["initial_eval"] else {}),
+               "completed_steps": result["completed_steps"], "train_seconds": result["train_seconds"],
+               f"train_{result['unit']}_per_second": result["throughput"],
+               "pixelfly": not args.dense,
+               "density": sparsity.get("density") if sparsity else 1.0, **(extra or {})}
+    (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def write_model_card(args, *, recipe, title, base, dataset, model_class, results, sparsity, tags):
+    """README.md in output_dir: what was trained, its Pixelfly structure, final metrics and throughput."""
+    out = Path(args.output_dir)
+    config_json = json.loads((out / "config.json").read_text())
+    flags = {k: (v.value if hasattr(v, "value") else v) for k, v in sorted(vars(args).items())
+             if k not in ("hub_token",)}
+    lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in ["pixelfly", *tags]]
+    lines += ["---", "", f"# {title}", "",
+              f"{'Dense baseline' if args.dense else 'Pixelfly (flat block butterfly + low-rank)'} {base}, "
+              f"trained with the pixelfly_hf recipe `recipes/{recipe}` on {dataset}.", "",
+              "## Structure", ""]
+    if sparsity:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sparsity.items()
+                                           if isinstance(v, (int, float, str))]
+    else:
+        lines += ["Dense (no Pixelfly), density 1.0."]
+    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    lines += ["", "## Training flags", "", "```json", json.dumps(flags, indent=2, default=str), "```", "",
+              "## Model config", "", "```json", json.dumps(config_json, indent=2), "```", ""]
+    lines += ["## Load", "", "```python", "import pixelfly_hf  # registers the Pixelfly model types",
+              f"from transformers import {model_class}", "",
+              f"model = {model_class}.from_pretrained({str(args.hub_model_id or out)!r})", "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def push_to_hub(accelerator, args, commit_message):
+    if not args.push_to_hub or not accelerator.is_main_process:
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
+                      ignore_patterns=["step_*", "epoch_*", f"{TMP_PREFIX}*", LOG_FILE, "runs/*", "*/events.*"])
+    accelerator.print(f"pushed to https://huggingface.co/{repo_id}")
+    return repo_id
+
+
+def fail(error):
+    """Print a RecipeError without a traceback and exit with status 2 (like argparse)."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)

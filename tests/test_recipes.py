@@ -1,0 +1,191 @@
+"""The GPT-2 accelerate recipe end to end on CPU, offline: train -> save -> reload, bad flags, atomic
+checkpoints, resume after SIGKILL, and two real CPU processes (DDP over gloo)."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers_recipes import RECIPES, ROOT, read_log, read_results, recipe_env, run_recipe
+
+sys.path.insert(0, str(RECIPES))
+import common  # noqa: E402
+import gpt2_wikitext  # noqa: E402
+
+SHAKESPEARE = RECIPES / "data" / "shakespeare"
+TINY = ["--model_size", "tiny", "--seq_len", "64", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--max_eval_samples", "16", "--logging_steps", "1",
+        "--num_warmup_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_home")
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """~12k training tokens and ~3.5k validation tokens of the shipped Shakespeare."""
+    d = tmp_path_factory.mktemp("text")
+    (d / "train.txt").write_text((SHAKESPEARE / "train.txt").read_text()[:40_000])
+    (d / "validation.txt").write_text((SHAKESPEARE / "validation.txt").read_text()[:12_000])
+    return ["--train_file", str(d / "train.txt"), "--validation_file", str(d / "validation.txt")]
+
+
+def eval_loss_of_saved_model(output_dir, text_files, seq_len=64, max_eval_samples=16):
+    """Reload the saved folder with AutoModelForCausalLM and score the recipe's validation blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    args = gpt2_wikitext.parse_args([*text_files, "--output_dir", str(output_dir)])
+    blocks = gpt2_wikitext.tokenize_and_group(gpt2_wikitext.load_text(args), tokenizer, seq_len, args)
+    ids = torch.tensor(blocks["validation"]["input_ids"][:max_eval_samples])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten())
+    return model, nll.item()
+
+
+def test_gpt2_dense_trains_saves_and_reloads(tmp_path, hf_home, text_files):
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--dense", "--max_train_steps", "8",
+                                           "--output_dir", str(out)], hf_home)
+    results = read_results(out)
+    assert results["completed_steps"] == 8 and results["pixelfly"] is False
+    assert results["eval_loss"] < results["initial_eval_loss"] - 0.5
+    assert math.isclose(results["eval_perplexity"], math.exp(results["eval_loss"]), rel_tol=1e-9)
+    assert results["train_tokens_per_second"] > 0
+    assert "validation perplexity:" in proc.stdout and f"saved to {out}" in proc.stdout
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    card = (out / "README.md").read_text()
+    assert "eval_perplexity" in card and "train_tokens_per_second" in card and "Dense baseline" in card
+    train, evals = read_log(out)
+    assert sorted(train) == list(range(1, 9)) and all(r["train/tokens_per_second"] > 0 for r in train.values())
+    assert sorted(evals) == [0, 8]
+    _, loss = eval_loss_of_saved_model(out, text_files)
+    assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--density", "1.5"], "--density 1.5 is out of range"),
+    (["--density", "0"], "--density 0.0 is out of range"),
+    (["--seq_len", "2048"], "--seq_len 2048 does not fit the model: it has 1024 positions"),
+    (["--text_column_name", "body"], "--text_column_name 'body' is not a column of the dataset"),
+    (["--pixelfly_block_size", "24"], "--pixelfly_block_size 24 is not a power of 2"),
+    (["--checkpointing_steps", "often"], "--checkpointing_steps 'often'"),
+])
+def test_gpt2_bad_flags_fail_before_training(tmp_path, text_files, flags, message, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started despite a bad flag")
+
+    monkeypatch.setattr(common, "fit", no_training)
+    with pytest.raises(common.RecipeError, match=message.replace("(", r"\(")):
+        gpt2_wikitext.main([*TINY, *text_files, *flags, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_bad_flag_exits_with_a_clear_message(tmp_path, hf_home, text_files):
+    proc = run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--density", "2", "--output_dir", str(tmp_path)],
+                      hf_home, check=False)
+    assert proc.returncode == 2
+    assert "error: --density 2.0 is out of range: give a fraction in (0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+class _FakeAccelerator:
+    """What save_checkpoint needs from an Accelerator; save_state writes a file, then maybe dies."""
+    is_main_process = True
+
+    def __init__(self, crash=False):
+        self.crash = crash
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+        if self.crash:
+            raise KeyboardInterrupt("killed mid-write")
+
+
+def test_checkpoints_are_atomic(tmp_path):
+    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4})
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(_FakeAccelerator(crash=True), tmp_path, "step_8", {"completed_steps": 8})
+    assert not (tmp_path / "step_8").exists()
+    assert (tmp_path / ".tmp-step_8").is_dir()  # the half-written one is only ever a temp folder
+    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
+    assert common.find_checkpoint(args) == tmp_path / "step_4"
+    # The next save of that step replaces the debris; re-saving an existing step replaces it whole.
+    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_8", {"completed_steps": 8})
+    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4, "again": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_8"]
+    assert common.find_checkpoint(args) == tmp_path / "step_8"
+    assert common.read_checkpoint_state(tmp_path / "step_4")["again"] is True
+    with pytest.raises(common.RecipeError, match="not a complete checkpoint"):
+        common.find_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / ".tmp-step_8"),
+                                               output_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_gpt2_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hf_home, text_files):
+    flags = [*TINY, *text_files, "--dense", "--max_train_steps", "12", "--checkpointing_steps", "4",
+             "--eval_steps", "6", "--dropout", "0.1"]
+    reference = tmp_path / "reference"
+    run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(reference)], hf_home)
+    ref_train, ref_evals = read_log(reference)
+
+    # Same run, SIGKILLed once it has logged step 5 (after the step_4 checkpoint, before step_8's).
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(RECIPES / "gpt2_wikitext.py"), *flags, "--output_dir",
+                             str(killed)], env=recipe_env(hf_home), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = killed / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and '"step": 5,' in log.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    killed_train, _ = read_log(killed)
+    checkpoints = sorted(p.name for p in killed.iterdir() if p.name.startswith("step_"))
+    assert checkpoints and checkpoints[0] == "step_4"
+
+    proc = run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(killed), "--resume_from_checkpoint",
+                                           "latest"], hf_home)
+    assert f"resumed from {killed / checkpoints[-1]}" in proc.stdout
+    resumed_train, resumed_evals = read_log(killed)
+    for step, record in [*killed_train.items(), *resumed_train.items()]:
+        assert record["train/loss"] == pytest.approx(ref_train[step]["train/loss"], rel=1e-6, abs=1e-6), step
+        assert record["train/lr"] == pytest.approx(ref_train[step]["train/lr"]), step
+    assert sorted(resumed_train) == list(range(1, 13))
+    assert resumed_evals[12]["eval/loss"] == pytest.approx(ref_evals[12]["eval/loss"], rel=1e-6)
+    assert read_results(killed)["eval_loss"] == pytest.approx(read_results(reference)["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gpt2_two_cpu_processes_match_one(tmp_path, hf_home, text_files):
+    """DDP on two CPU processes (batch 2x4) follows the single-process run with batch 8."""
+    flags = [*TINY, *text_files, "--dense", "--max_train_steps", "6", "--dropout", "0"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_recipe("gpt2_wikitext.py", [*flags, "--per_device_train_batch_size", "8", "--output_dir", str(single)],
+               hf_home)
+    run_recipe("gpt2_wikitext.py", [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(double)],
+               hf_home, processes=2)
+    one, two = read_log(single)[0], read_log(double)[0]
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-4), step
+    r1, r2 = read_results(single), read_results(double)
+    assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)
+    assert r2["initial_eval_loss"] == pytest.approx(r1["initial_eval_loss"], rel=1e-6)
+    assert json.loads((double / "config.json").read_text())["n_embd"] == 128
