@@ -154,7 +154,7 @@ def get_model(model: nn.Module, config: PixelflyConfig) -> nn.Module:
     if config.attention == "pixelfly":
         from .attention import AttentionSettings
 
-        attention_settings = AttentionSettings(**(config.attention_config or {})).to_dict()
+        attention_settings = AttentionSettings.from_dict(config.attention_config).to_dict()
     install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters)
 
     old_config = model.config

@@ -35,8 +35,9 @@ VOCAB = 97
 
 
 def gpt2_config(**kw):
-    return GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    values = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(**{**values, **kw})
 
 
 def bert_config(**kw):
@@ -343,3 +344,29 @@ def test_compiled_patched_block_has_no_graph_break_and_matches_eager():
     grad_eager = torch.autograd.grad(eager_out.sum(), hidden)[0]
     grad_compiled = torch.autograd.grad(compiled_out.sum(), hidden)[0]
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+def test_pixelfly_attention_is_switched_on_saved_and_restored_on_load(tmp_path):
+    torch.manual_seed(0)
+    config = gpt2_config(n_positions=256)
+    dense = GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    model.load_state_dict(dense.state_dict())
+    options = {"block_size": 16, "n_factors": 1, "low_rank": 2, "min_seq_len_for_sparse": 0}
+    # exact (full-layout) MLPs, so any difference from the dense model comes from the attention
+    structure = dict(target_modules=["mlp"], butterfly_size=2, n_factors=1, low_rank=0, block_size=16)
+    model = get_model(model, PixelflyConfig(**structure, attention="pixelfly", attention_config=options))
+    assert model.config._attn_implementation == "pixelfly" and model.config.pixelfly_attention["block_size"] == 16
+    inputs = torch.randint(1, VOCAB, (2, 256))
+    with torch.no_grad():
+        sparse, full = model(inputs).logits, dense(inputs).logits
+    assert (sparse - full).abs().max() > 1e-3
+
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config._attn_implementation == "pixelfly"
+    with torch.no_grad():
+        assert torch.equal(again(inputs).logits, sparse)
+
+    with pytest.raises(ValueError, match=r"unknown pixelfly_attention option\(s\) \['blocks'\]"):
+        get_model(GPT2Model(config), PixelflyConfig(**structure, attention="pixelfly", attention_config={"blocks": 16}))
