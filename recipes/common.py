@@ -158,18 +158,23 @@ def load_metric(name):
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
 
 
-def apply_pixelfly(model, args, accelerator):
+def apply_pixelfly(model, args, accelerator, *, pretrained):
     """Replace the targeted dense matrices with Pixelfly ones (before accelerator.prepare).
 
+    A pretrained model's matrices are projected onto the structure; a from-scratch one is re-initialised.
     Returns the model and its sparsity summary (None with --dense)."""
     if args.dense:
         return model, None
     from pixelfly_hf import PixelflyConfig, get_model
 
-    config = PixelflyConfig(density=args.density, target_modules=list(args.target_modules),
-                            block_size=args.pixelfly_block_size, low_rank=args.low_rank,
-                            attention=args.pixelfly_attention)
-    model = get_model(model, config)
+    try:
+        config = PixelflyConfig(density=args.density, target_modules=list(args.target_modules),
+                                block_size=args.pixelfly_block_size, low_rank=args.low_rank,
+                                attention=args.pixelfly_attention, init="project" if pretrained else "random")
+        model = get_model(model, config)
+    except ValueError as error:
+        raise RecipeError(f"the Pixelfly flags do not fit this model: {error} (adjust --density, --low_rank, "
+                          "--pixelfly_block_size or --target_modules)") from None
     if accelerator.is_main_process:
         summary = model.print_sparsity_summary()
     else:
@@ -476,8 +481,11 @@ def write_model_card(args, *, recipe, title, base, dataset, model_class, results
               f"trained with the pixelfly_hf recipe `recipes/{recipe}` on {dataset}.", "",
               "## Structure", ""]
     if sparsity:
-        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sparsity.items()
-                                           if isinstance(v, (int, float, str))]
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |"
+                                           for k, v in sparsity.items() if isinstance(v, (int, float))]
+        lines += ["", "| module | in -> out | layout | rank | density |", "|---|---|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['in_features']} -> {r['out_features']} | {r['layout']} | {r['rank']} | "
+                  f"{r['density']:.2%} |" for r in sparsity["layers"]]
     else:
         lines += ["Dense (no Pixelfly), density 1.0."]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]

@@ -155,7 +155,7 @@ def main(argv=None):
             model.resize_token_embeddings(len(tokenizer))
     else:
         model = AutoModelForCausalLM.from_config(config)
-    model, sparsity = common.apply_pixelfly(model, args, accelerator)
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
 
     optimizer = common.make_optimizer(model, args)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)

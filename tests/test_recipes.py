@@ -19,7 +19,7 @@ import common  # noqa: E402
 import gpt2_wikitext  # noqa: E402
 
 SHAKESPEARE = RECIPES / "data" / "shakespeare"
-TINY = ["--model_size", "tiny", "--seq_len", "64", "--per_device_train_batch_size", "4",
+TINY = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--max_eval_samples", "16", "--logging_steps", "1",
         "--num_warmup_steps", "2"]
 
@@ -38,7 +38,7 @@ def text_files(tmp_path_factory):
     return ["--train_file", str(d / "train.txt"), "--validation_file", str(d / "validation.txt")]
 
 
-def eval_loss_of_saved_model(output_dir, text_files, seq_len=64, max_eval_samples=16):
+def eval_loss_of_saved_model(output_dir, text_files, seq_len=32, max_eval_samples=16):
     """Reload the saved folder with AutoModelForCausalLM and score the recipe's validation blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,24 +53,36 @@ def eval_loss_of_saved_model(output_dir, text_files, seq_len=64, max_eval_sample
     return model, nll.item()
 
 
-def test_gpt2_dense_trains_saves_and_reloads(tmp_path, hf_home, text_files):
+@pytest.mark.parametrize("dense", [False, True], ids=["pixelfly", "dense"])
+def test_gpt2_trains_saves_and_reloads(tmp_path, hf_home, text_files, dense):
     out = tmp_path / "out"
-    proc = run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--dense", "--max_train_steps", "8",
-                                           "--output_dir", str(out)], hf_home)
+    proc = run_recipe("gpt2_wikitext.py", [*TINY, *text_files, *(["--dense"] if dense else []),
+                                           "--max_train_steps", "6", "--output_dir", str(out)], hf_home)
     results = read_results(out)
-    assert results["completed_steps"] == 8 and results["pixelfly"] is False
+    assert results["completed_steps"] == 6 and results["pixelfly"] is (not dense)
     assert results["eval_loss"] < results["initial_eval_loss"] - 0.5
     assert math.isclose(results["eval_perplexity"], math.exp(results["eval_loss"]), rel_tol=1e-9)
     assert results["train_tokens_per_second"] > 0
     assert "validation perplexity:" in proc.stdout and f"saved to {out}" in proc.stdout
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     card = (out / "README.md").read_text()
-    assert "eval_perplexity" in card and "train_tokens_per_second" in card and "Dense baseline" in card
+    assert "eval_perplexity" in card and "train_tokens_per_second" in card
     train, evals = read_log(out)
-    assert sorted(train) == list(range(1, 9)) and all(r["train/tokens_per_second"] > 0 for r in train.values())
-    assert sorted(evals) == [0, 8]
-    _, loss = eval_loss_of_saved_model(out, text_files)
+    assert sorted(train) == list(range(1, 7)) and all(r["train/tokens_per_second"] > 0 for r in train.values())
+    assert sorted(evals) == [0, 6]
+    model, loss = eval_loss_of_saved_model(out, text_files)
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    if dense:
+        assert config["model_type"] == "gpt2" and "Dense baseline" in card
+        assert results["density"] == 1.0
+    else:
+        from pixelfly_hf import PixelflyLinear
+
+        assert config["model_type"] == "pixelfly_gpt2" and config["pixelfly"]["config"]["density"] == 0.25
+        assert sum(isinstance(m, PixelflyLinear) for m in model.modules()) == 8  # attn + mlp of 2 layers
+        assert 0 < results["density"] < 0.3 and f"density | {results['density']:.4g}" in card
+        assert "transformer.h.0.mlp.c_fc" in card
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -136,13 +148,13 @@ def test_checkpoints_are_atomic(tmp_path):
 
 @pytest.mark.slow
 def test_gpt2_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hf_home, text_files):
-    flags = [*TINY, *text_files, "--dense", "--max_train_steps", "12", "--checkpointing_steps", "4",
-             "--eval_steps", "6", "--dropout", "0.1"]
+    flags = [*TINY, *text_files, "--max_train_steps", "8", "--checkpointing_steps", "3",
+             "--eval_steps", "4", "--dropout", "0.1"]
     reference = tmp_path / "reference"
     run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(reference)], hf_home)
     ref_train, ref_evals = read_log(reference)
 
-    # Same run, SIGKILLed once it has logged step 5 (after the step_4 checkpoint, before step_8's).
+    # Same run, SIGKILLed once it has logged step 4 (after the step_3 checkpoint, before step_6's).
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(RECIPES / "gpt2_wikitext.py"), *flags, "--output_dir",
                              str(killed)], env=recipe_env(hf_home), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -150,7 +162,7 @@ def test_gpt2_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hf_home, 
     log = killed / "train_log.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if log.is_file() and '"step": 5,' in log.read_text():
+        if log.is_file() and '"step": 4,' in log.read_text():
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -158,7 +170,7 @@ def test_gpt2_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hf_home, 
     assert not (killed / "model.safetensors").exists()
     killed_train, _ = read_log(killed)
     checkpoints = sorted(p.name for p in killed.iterdir() if p.name.startswith("step_"))
-    assert checkpoints and checkpoints[0] == "step_4"
+    assert checkpoints and checkpoints[0] == "step_3"
 
     proc = run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(killed), "--resume_from_checkpoint",
                                            "latest"], hf_home)
@@ -167,25 +179,25 @@ def test_gpt2_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hf_home, 
     for step, record in [*killed_train.items(), *resumed_train.items()]:
         assert record["train/loss"] == pytest.approx(ref_train[step]["train/loss"], rel=1e-6, abs=1e-6), step
         assert record["train/lr"] == pytest.approx(ref_train[step]["train/lr"]), step
-    assert sorted(resumed_train) == list(range(1, 13))
-    assert resumed_evals[12]["eval/loss"] == pytest.approx(ref_evals[12]["eval/loss"], rel=1e-6)
+    assert sorted(resumed_train) == list(range(1, 9))
+    assert resumed_evals[8]["eval/loss"] == pytest.approx(ref_evals[8]["eval/loss"], rel=1e-6)
     assert read_results(killed)["eval_loss"] == pytest.approx(read_results(reference)["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.slow
 def test_gpt2_two_cpu_processes_match_one(tmp_path, hf_home, text_files):
-    """DDP on two CPU processes (batch 2x4) follows the single-process run with batch 8."""
-    flags = [*TINY, *text_files, "--dense", "--max_train_steps", "6", "--dropout", "0"]
+    """Pixelfly GPT-2 under DDP on two CPU processes (batch 2x4) follows the one-process run with batch 8."""
+    flags = [*TINY, *text_files, "--max_train_steps", "4", "--dropout", "0"]
     single, double = tmp_path / "single", tmp_path / "double"
     run_recipe("gpt2_wikitext.py", [*flags, "--per_device_train_batch_size", "8", "--output_dir", str(single)],
                hf_home)
     run_recipe("gpt2_wikitext.py", [*flags, "--per_device_train_batch_size", "4", "--output_dir", str(double)],
                hf_home, processes=2)
     one, two = read_log(single)[0], read_log(double)[0]
-    assert sorted(two) == list(range(1, 7))
+    assert sorted(two) == list(range(1, 5))
     for step in one:
         assert two[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-4), step
     r1, r2 = read_results(single), read_results(double)
     assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)
     assert r2["initial_eval_loss"] == pytest.approx(r1["initial_eval_loss"], rel=1e-6)
-    assert json.loads((double / "config.json").read_text())["n_embd"] == 128
+    assert json.loads((double / "config.json").read_text())["model_type"] == "pixelfly_gpt2"
