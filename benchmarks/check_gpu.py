@@ -55,6 +55,11 @@ def check_kernels(dtype=torch.bfloat16):
 
 
 def check_layer(dtype=torch.bfloat16):
+    """PixelflyLinear fwd + all grads: Triton in bf16 and the PyTorch reference in bf16, both against fp32.
+
+    A tensor passes at <= 1e-2, or, where bf16 itself cannot reach that (the gate bias's gradient sums
+    cancelling per-token terms), when Triton is no worse than 1.5x the reference path in the same bf16.
+    """
     rows = []
     for gate in (False, True):
         torch.manual_seed(0)
@@ -66,17 +71,20 @@ def check_layer(dtype=torch.bfloat16):
         x = torch.randn(8, 123, 768, device="cuda")
         grad = torch.randn(8, 123, 3072, device="cuda")
         outs = {}
-        for backend, dt in (("triton", dtype), ("reference", torch.float32)):
+        for run, backend, dt in (("triton", "triton", dtype), ("bf16 reference", "reference", dtype),
+                                 ("fp32", "reference", torch.float32)):
             layer.backend = backend
             layer.zero_grad()
             xi = x.clone().requires_grad_()
             with torch.autocast("cuda", dtype=dt, enabled=dt != torch.float32):
                 y = layer(xi)
             y.backward(grad)
-            outs[backend] = [y, xi.grad] + [p.grad.clone() for p in layer.parameters()]
+            outs[run] = [y, xi.grad] + [p.grad.clone() for p in layer.parameters()]
         names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-        errs = {n: rel_err(a, b) for n, a, b in zip(names, outs["triton"], outs["reference"])}
-        rows.append({"gate": gate, **errs})
+        for name, tri, ref16, ref32 in zip(names, outs["triton"], outs["bf16 reference"], outs["fp32"]):
+            err, floor = rel_err(tri, ref32), rel_err(ref16, ref32)
+            rows.append({"gate": gate, "tensor": name, "triton": err, "bf16_reference": floor,
+                         "ok": err <= 1e-2 or err <= 1.5 * floor})
     return rows
 
 
@@ -123,14 +131,15 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
     kernel_rows, layer_rows = check_kernels(), check_layer()
-    worst = max(max(v for k, v in r.items() if isinstance(v, float)) for r in kernel_rows + layer_rows)
-    print("\nbf16 correctness (relative error vs fp32 reference, limit 1e-2)")
+    print("\nbf16 kernels, relative error vs fp32 reference (limit 1e-2)")
     for r in kernel_rows:
         print(f"  {r['shape']:<34} fwd {r['fwd']:.2e}  dX {r['dX']:.2e}  dW {r['dW']:.2e}")
+    print("PixelflyLinear(768->3072, bs=16, k=2, r=32) under bf16 autocast, relative error vs fp32")
     for r in layer_rows:
-        print("  PixelflyLinear gate=%-5s " % r["gate"] + "  ".join(f"{k} {v:.2e}" for k, v in r.items() if k != "gate"))
-    ok = worst <= 1e-2
-    print(f"  => {'PASS' if ok else 'FAIL'} (worst {worst:.2e})", flush=True)
+        print(f"  gate={r['gate']!s:<5} {r['tensor']:<12} triton {r['triton']:.2e}   reference in bf16 {r['bf16_reference']:.2e}"
+              f"   {'ok' if r['ok'] else 'FAIL'}")
+    ok = all(max(r["fwd"], r["dX"], r["dW"]) <= 1e-2 for r in kernel_rows) and all(r["ok"] for r in layer_rows)
+    print(f"  => {'PASS' if ok else 'FAIL'}", flush=True)
     timing = time_mlp_shapes()
     print("\n16384 tokens, bf16, PixelflyLinear bs=16 k=2 (18.75% sparse) vs nn.Linear")
     print(f"  {'matrix':<16} {'layer':<14} {'fwd ms':>8} {'x dense':>8} {'fwd+bwd ms':>11} {'x dense':>8}")
