@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -23,11 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _butterfly_mm_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr,
-    M, N_PATCH, K_PATCH,
+    a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
+    M, N_PATCH, K_PATCH, RANK,
     stride_am, stride_om,
     stride_wr, stride_wj, stride_wn, stride_wk,
-    F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_zm, stride_lk, stride_ln,
+    F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -64,6 +66,17 @@ def _butterfly_mm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if RANK_BLOCK > 0:
+        # the low-rank term as one more K segment: Z (M x rank) times the factor's columns of this patch
+        offs_r = tl.arange(0, RANK_BLOCK)
+        mask_r = offs_r < RANK
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        cols = r * N_PATCH + offs_n
+        lr = tl.load(l_ptr + offs_r[:, None] * stride_lk + cols[None, :] * stride_ln, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            z = z.to(tl.float32)
+            lr = lr.to(tl.float32)
+        acc = tl.dot(z, lr, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
@@ -149,7 +162,7 @@ _butterfly_dw_tuned = triton.autotune(
 def _launch(kernel, tuned, grid, args, kwargs, config, default):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune)."""
     if config is None and not INTERPRET:
-        tuned[grid](*args, **kwargs)
+        wrap_triton(tuned)[grid](*args, **kwargs)  # traceable by torch.compile inside the triton_op
         return
     block_m, block_n, block_k, warps, stages = config or default
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
@@ -184,7 +197,7 @@ def _output(out, shape, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool, out, config) -> torch.Tensor:
+def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -> torch.Tensor:
     _check("input", a, 2)
     _check("weight", weight, 4)
     B, F, q, p = weight.shape
@@ -197,30 +210,39 @@ def _launch_mm(a: torch.Tensor, weight: torch.Tensor, bias, partner_weight: bool
     out = _output(out, (M, B * n_patch), a)
     sr, sj, sq, sp = weight.stride()
     stride_wn, stride_wk = (sp, sq) if partner_weight else (sq, sp)
+    rank = 0 if z is None else z.shape[1]
+    if rank:
+        z = z if z.stride(1) == 1 else z.contiguous()
+        # forward: U (out x rank) read as (rank x out); dX: V (rank x in) as stored
+        stride_lk, stride_ln = (lowrank.stride(0), lowrank.stride(1)) if partner_weight else (lowrank.stride(1), lowrank.stride(0))
+    else:
+        stride_lk = stride_ln = 0
 
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"])
 
-    args = (a, weight, bias if bias is not None else a, out, M, n_patch, k_patch, a.stride(0), out.stride(0),
-            sr, sj, stride_wn, stride_wk)
-    kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None, UPCAST=INTERPRET,
-                  DOT_PRECISION=_dot_precision(a.dtype))
+    args = (a, weight, bias if bias is not None else a, z if rank else a, lowrank if rank else a, out,
+            M, n_patch, k_patch, rank, a.stride(0), out.stride(0), sr, sj, stride_wn, stride_wk,
+            z.stride(0) if rank else 0, stride_lk, stride_ln)
+    kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
+                  RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0,
+                  UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype))
     default = (_tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3)
     _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default)
     return out
 
 
-def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None, config=None) -> torch.Tensor:
-    """Y = X @ S^T (+ bias): x (T, in), weight (B, F, q, p), bias (out,) or None -> (T, out).
+def butterfly_matmul(x, weight, bias=None, z=None, lowrank_u=None, out=None, config=None) -> torch.Tensor:
+    """Y = X @ S^T (+ Z @ U^T) (+ bias): x (T, in), weight (B, F, q, p), z = X @ V^T (T, rank), U (out, rank).
 
     config: (block_m, block_n, block_k, num_warps, num_stages) to bypass the autotuner (benchmarks).
     """
-    return _launch_mm(x, weight, bias, partner_weight=False, out=out, config=config)
+    return _launch_mm(x, weight, bias, z, lowrank_u, partner_weight=False, out=out, config=config)
 
 
-def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor, out=None, config=None) -> torch.Tensor:
-    """dX = dY @ S: grad (T, out), weight (B, F, q, p) -> (T, in)."""
-    return _launch_mm(grad, weight, None, partner_weight=True, out=out, config=config)
+def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=None) -> torch.Tensor:
+    """dX = dY @ S (+ dZ @ V): grad (T, out), weight (B, F, q, p), dz = dY @ U (T, rank), V (rank, in)."""
+    return _launch_mm(grad, weight, None, dz, lowrank_v, partner_weight=True, out=out, config=config)
 
 
 def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:

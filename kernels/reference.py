@@ -17,20 +17,22 @@ def _compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """Y = X @ S^T (+ bias); x (T, in), weight (B, F, q, p) -> (T, out)."""
+def butterfly_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None, z=None, lowrank_u=None) -> torch.Tensor:
+    """Y = X @ S^T (+ Z @ U^T) (+ bias); x (T, in), weight (B, F, q, p), z (T, rank), U (out, rank) -> (T, out)."""
     B, F, q, p = weight.shape
     ct = _compute_dtype(x, weight)
     x_tiles = x.to(ct).reshape(-1, B, p)
     gathered = x_tiles[:, tile_partners(B, F, x.device)]  # (T, B, F, p)
     y = torch.einsum("tbfp,bfqp->tbq", gathered, weight.to(ct)).reshape(-1, B * q)
+    if z is not None:
+        y = y + z.to(ct) @ lowrank_u.to(ct).T
     if bias is not None:
         y = y + bias.to(ct)
     return y.to(x.dtype)
 
 
-def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dX = dY @ S; grad (T, out), weight (B, F, q, p) -> (T, in).
+def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor, dz=None, lowrank_v=None) -> torch.Tensor:
+    """dX = dY @ S (+ dZ @ V); grad (T, out), weight (B, F, q, p), dz (T, rank), V (rank, in) -> (T, in).
 
     Input tile c is read by output tile c ^ offset_j in slot j (the pattern is symmetric), so
     dX[:, c] = sum_j dY[:, c ^ offset_j] @ weight[c ^ offset_j, j].
@@ -42,6 +44,8 @@ def butterfly_matmul_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     slots = torch.arange(F, device=grad.device).expand(B, F)
     w_partner = weight.to(ct)[partners, slots]  # (B, F, q, p): weight[c ^ o_j, j]
     dx = torch.einsum("tcfq,cfqp->tcp", grad_tiles, w_partner).reshape(-1, B * p)
+    if dz is not None:
+        dx = dx + dz.to(ct) @ lowrank_v.to(ct)
     return dx.to(grad.dtype)
 
 

@@ -93,3 +93,21 @@ def test_triton_launcher_rejects_bad_inputs():
         triton_impl.butterfly_matmul(torch.ones(8, 64, dtype=torch.int32), w)
     with pytest.raises(ValueError, match="out must be a contiguous"):
         triton_impl.butterfly_matmul(torch.randn(8, 64), w, out=torch.empty(8, 32))
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("rank", [8, 24, 32])
+def test_fused_low_rank_segment(impl, rank):
+    """Y = X S^T + Z U^T and dX = dY S + dZ V with the low-rank term inside the sparse kernel."""
+    torch.manual_seed(rank)
+    layout, weight, dense, x, grad = make_case(45, 192, 96, 4, 2, torch.float32)
+    u, v = torch.randn(96, rank), torch.randn(rank, 192)
+    z, dz = x @ v.T, grad @ u
+    mod = IMPLS[impl]
+    kwargs = {"out": torch.full((45, 96), float("nan"))} if impl == "triton" else {}
+    y = mod.butterfly_matmul(x, weight, None, z, u, **kwargs)
+    kwargs = {"out": torch.full_like(x, float("nan"))} if impl == "triton" else {}
+    dx = mod.butterfly_matmul_t(grad, weight, dz, v, **kwargs)
+    full = dense + u.double() @ v.double()
+    assert rel_err(y, x.double() @ full.T) < 1e-5
+    assert rel_err(dx, grad.double() @ full) < 1e-5

@@ -176,8 +176,10 @@ def test_custom_op_registration_is_consistent():
     x = torch.randn(9, 64, requires_grad=True)
     w = torch.randn(4, 3, 32, 16, requires_grad=True)
     b = torch.randn(128, requires_grad=True)
-    torch.library.opcheck(butterfly_mm, (x, w, b, "reference"))
-    torch.library.opcheck(butterfly_mm, (x, w, None, "reference"))
+    u = torch.randn(128, 8, requires_grad=True)
+    v = torch.randn(8, 64, requires_grad=True)
+    torch.library.opcheck(butterfly_mm, (x, w, b, u, v, "reference"))
+    torch.library.opcheck(butterfly_mm, (x, w, None, None, None, "reference"))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -118,15 +118,15 @@ class PixelflyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         backend = self._resolve_backend(x)
+        weight = self.weight.to(dtype)
+        u = self.lowrank_u.to(dtype) if self.rank else None
+        v = self.lowrank_v.to(dtype) if self.rank else None
         if self.gate is None:
-            y = butterfly_mm(x2, self.weight.to(dtype), bias, backend)
-            if self.rank:
-                y = y + F.linear(F.linear(x2, self.lowrank_v.to(dtype)), self.lowrank_u.to(dtype))
+            y = butterfly_mm(x2, weight, bias, u, v, backend)
         else:
-            sparse = butterfly_mm(x2, self.weight.to(dtype), None, backend)
-            low = F.linear(F.linear(x2, self.lowrank_v.to(dtype)), self.lowrank_u.to(dtype)) if self.rank else 0
+            sparse = butterfly_mm(x2, weight, None, None, None, backend)
             g = torch.sigmoid(F.linear(x2, self.gate.weight.to(dtype), self.gate.bias.to(dtype)))
-            y = torch.lerp(sparse, low, g) if self.rank else sparse * (1 - g)
+            y = torch.lerp(sparse, F.linear(F.linear(x2, v), u), g) if self.rank else sparse * (1 - g)
             if bias is not None:
                 y = y + bias
         return y.reshape(*lead_shape, self.out_features)
