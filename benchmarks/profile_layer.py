@@ -63,6 +63,17 @@ def main():
         layer.zero_grad(set_to_none=True)
         DirectFunction.apply(x, layer.weight, layer.bias).backward(g)
 
+    compiled_layer = torch.compile(layer)
+
+    def compiled_step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        compiled_layer(x).backward(g)
+
+    t0 = time.perf_counter()
+    compiled_step()
+    torch.cuda.synchronize()
+    print(f"  torch.compile(layer) first call {time.perf_counter() - t0:.1f} s")
     for fn in (kernels_only, layer_step, direct_step):
         fn()
     torch.cuda.synchronize()
@@ -70,7 +81,9 @@ def main():
     print(f"  bare kernels fwd+dX+dW   GPU {triton.testing.do_bench(kernels_only, return_mode='median'):.3f} ms")
     print(f"  layer fwd+bwd (autograd) GPU {triton.testing.do_bench(layer_step, return_mode='median'):.3f} ms")
     print(f"  autograd.Function, no custom op GPU {triton.testing.do_bench(direct_step, return_mode='median'):.3f} ms")
-    for name, fn in (("bare kernels", kernels_only), ("layer fwd+bwd", layer_step), ("no custom op", direct_step)):
+    print(f"  torch.compile(layer) fwd+bwd GPU {triton.testing.do_bench(compiled_step, return_mode='median'):.3f} ms")
+    for name, fn in (("bare kernels", kernels_only), ("layer fwd+bwd", layer_step), ("no custom op", direct_step),
+                     ("compiled layer", compiled_step)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
