@@ -29,7 +29,7 @@ PUSH = textwrap.dedent(
     with torch.no_grad():
         logits = model(inputs).logits
     save_file({"inputs": inputs, "logits": logits}, sys.argv[1])
-    model.push_to_hub("me/gpt2-pixelfly")
+    model.push_to_hub("me/gpt2-pixelfly", tags=["tiny"])
     """
 )
 
@@ -77,7 +77,8 @@ def test_push_to_local_hub_and_load_back_with_the_auto_class(hub, tmp_path):
     assert config["model_type"] == "pixelfly_gpt2" and len(config["pixelfly"]["modules"]) == 8
     card = files["README.md"].decode()
     assert "base_model: openai-community/gpt2" in card and "pixelfly" in card
-    assert '"density": 0.5' in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert '"density": 0.5' in card and 'AutoModelForCausalLM.from_pretrained("me/gpt2-pixelfly")' in card
+    assert "- tiny" in card
 
     # a fresh process with an empty cache downloads everything from the server
     assert "PULLED OK" in _run(PULL, hub, tmp_path / "pull_home", outputs)

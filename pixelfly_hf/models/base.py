@@ -110,7 +110,7 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
         setattr(root.get_submodule(parent_name) if parent_name else root, child, layer)
 
 
-def _model_card(model) -> str:
+def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     plan = model.config.pixelfly
@@ -120,7 +120,7 @@ def _model_card(model) -> str:
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base if base and not os.path.isabs(base) and not os.path.exists(base) else None,
-        tags=["pixelfly", "butterfly-sparse", "low-rank", model.config.model_type],
+        tags=["pixelfly", "butterfly-sparse", "low-rank", model.config.model_type, *(tags or [])],
     )
     rows = "\n".join(
         f"| `{row['name']}` | {row['in_features']}->{row['out_features']} | {row['layout']} | {row['rank']} | "
@@ -141,7 +141,7 @@ def _model_card(model) -> str:
             "```python\n"
             "import pixelfly_hf  # registers the Pixelfly model types with the Auto classes\n"
             f"from transformers import {auto_class}\n\n"
-            f'model = {auto_class}.from_pretrained("<this repo id>")\n'
+            f'model = {auto_class}.from_pretrained("{repo_id or "<this repo id or folder>"}")\n'
             "```\n\n"
             "Weights are safetensors; loading needs neither pickle nor `trust_remote_code`.\n\n"
             "## Pixelfly config\n\n"
@@ -227,6 +227,7 @@ class PixelflyModelMixin:
         revision: str | None = None,
         create_pr: bool = False,
         max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
     ):
         """Upload the model with its Pixelfly model card (transformers' own push would overwrite the card)."""
         from huggingface_hub import HfApi
@@ -235,6 +236,8 @@ class PixelflyModelMixin:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp_dir:
             self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            with open(os.path.join(tmp_dir, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                f.write(_model_card(self, repo_id=repo_id, tags=tags))
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmp_dir,
