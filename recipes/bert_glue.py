@@ -1,0 +1,187 @@
+"""Fine-tune a pretrained BERT on a GLUE task (or your CSV/JSON) after projecting it to Pixelfly.
+
+    accelerate launch recipes/bert_glue.py --model_name_or_path bert-base-uncased --task_name sst2
+    accelerate launch recipes/bert_glue.py --model_name_or_path bert-base-uncased --task_name mrpc --dense
+    accelerate launch recipes/bert_glue.py --model_name_or_path <BERT folder> \\
+        --train_file train.csv --validation_file dev.csv --text_columns sentence
+
+The dense attention/MLP matrices are projected onto the Pixelfly structure (tiles kept, residual fit
+with a truncated SVD) before fine-tuning. Reports accuracy, plus F1 for two-class tasks. See recipes/README.md.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from datasets import load_dataset
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# task: (text columns, evaluation split)
+GLUE_TASKS = {
+    "cola": (["sentence"], "validation"),
+    "sst2": (["sentence"], "validation"),
+    "mrpc": (["sentence1", "sentence2"], "validation"),
+    "qqp": (["question1", "question2"], "validation"),
+    "mnli": (["premise", "hypothesis"], "validation_matched"),
+    "qnli": (["question", "sentence"], "validation"),
+    "rte": (["sentence1", "sentence2"], "validation"),
+    "wnli": (["sentence1", "sentence2"], "validation"),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--task_name", choices=sorted(GLUE_TASKS), help="a GLUE classification task (nyu-mll/glue)")
+    g.add_argument("--train_file", help="a .csv or .json(l) file instead of --task_name")
+    g.add_argument("--validation_file")
+    g.add_argument("--text_columns", nargs="+", default=None,
+                   help="one or two text columns (default: the task's; for files: 'sentence', or "
+                        "'sentence1 sentence2')")
+    g.add_argument("--label_column", default="label")
+    g.add_argument("--max_seq_length", type=int, default=128)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name_or_path", required=True, help="a pretrained BERT (Hub id or folder)")
+    common.add_pixelfly_args(parser)
+    common.add_training_args(parser, output_dir=None, learning_rate=5e-5, batch_size=32, epochs=3)
+    args = parser.parse_args(argv)
+    if (args.task_name is None) == (args.train_file is None):
+        raise common.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
+    if args.train_file and not args.validation_file:
+        raise common.RecipeError("--train_file needs --validation_file too")
+    if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
+        raise common.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
+    if args.output_dir is None:
+        task = args.task_name or Path(args.train_file).stem
+        args.output_dir = f"outputs/{Path(args.model_name_or_path).name}-{task}-{'dense' if args.dense else 'pixelfly'}"
+    common.check_args(args)
+    return args
+
+
+def load_data(args):
+    """(raw datasets with 'train' and 'validation', text columns)."""
+    if args.task_name:
+        raw = load_dataset("nyu-mll/glue", args.task_name)
+        columns, eval_split = GLUE_TASKS[args.task_name]
+        raw["validation"] = raw[eval_split]
+    else:
+        for f in (args.train_file, args.validation_file):
+            if not Path(f).is_file():
+                raise common.RecipeError(f"data file {f} does not exist")
+        ext = Path(args.train_file).suffix.lstrip(".")
+        raw = load_dataset({"jsonl": "json"}.get(ext, ext),
+                           data_files={"train": args.train_file, "validation": args.validation_file})
+        names = raw["train"].column_names
+        columns = ["sentence"] if "sentence" in names else ["sentence1", "sentence2"]
+    columns = args.text_columns or columns
+    for split in ("train", "validation"):
+        for column in columns:
+            common.check_column(raw[split], column, "--text_columns")
+        common.check_column(raw[split], args.label_column, "--label_column")
+    return raw, columns
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = common.make_accelerator(args, "bert_glue_pixelfly")
+    set_seed(args.seed)
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    if config.model_type != "bert":
+        raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
+                                 "this recipe fine-tunes BERT checkpoints (model_type 'bert')")
+    if not 2 <= args.max_seq_length <= config.max_position_embeddings:
+        raise common.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
+                                 f"{config.max_position_embeddings} positions. Use at most "
+                                 f"{config.max_position_embeddings}.")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+
+    with accelerator.main_process_first():
+        raw, text_columns = load_data(args)
+    # Labels: GLUE has ClassLabel ids; files may hold strings or ints, mapped to ids in sorted order.
+    class_label = getattr(raw["train"].features[args.label_column], "names", None)
+    if class_label:
+        label_names = class_label
+    else:
+        label_names = sorted({str(v) for v in raw["train"][args.label_column]})
+        unseen = sorted({str(v) for v in raw["validation"][args.label_column]} - set(label_names))
+        if unseen:
+            raise common.RecipeError(f"validation labels {unseen} never occur in the training file "
+                                     f"(training labels: {label_names})")
+    label_to_id = {name: i for i, name in enumerate(label_names)}
+
+    def preprocess(examples):
+        texts = [examples[c] for c in text_columns]
+        encoded = tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
+        labels = examples[args.label_column]
+        encoded["labels"] = labels if class_label else [label_to_id[str(v)] for v in labels]
+        return encoded
+
+    with accelerator.main_process_first():
+        processed = raw.map(preprocess, batched=True, remove_columns=raw["train"].column_names,
+                            num_proc=args.preprocessing_num_workers, desc="tokenizing")
+    train_set, eval_set = processed["train"], processed["validation"]
+    if args.max_train_samples is not None:
+        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_eval_samples is not None:
+        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+    train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(eval_set, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model_name_or_path, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id=label_to_id)
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True)
+
+    optimizer = common.make_optimizer(model, args)
+    lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    common.init_tracking(accelerator, args, "bert_glue_pixelfly")
+
+    two_classes = len(label_names) == 2
+
+    def evaluate_classifier(model):
+        model.eval()
+        accuracy, f1 = common.load_metric("accuracy"), common.load_metric("f1")
+        for batch in eval_dataloader:
+            with torch.no_grad():
+                predictions = model(**batch).logits.argmax(dim=-1)
+            predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+            accuracy.add_batch(predictions=predictions.tolist(), references=references.tolist())
+            f1.add_batch(predictions=predictions.tolist(), references=references.tolist())
+        return {**accuracy.compute(), **f1.compute(average="binary" if two_classes else "macro")}
+
+    result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, evaluate_classifier,
+                        count_fn=lambda batch: int(batch["attention_mask"].sum()), unit="tokens")
+
+    common.save_model(accelerator, model, args, tokenizer)
+    if accelerator.is_main_process:
+        results = common.write_results(args, result, sparsity, {"max_seq_length": args.max_seq_length})
+        dataset = f"GLUE {args.task_name}" if args.task_name else args.train_file
+        common.write_model_card(args, recipe="bert_glue.py", title=Path(args.output_dir).name,
+                                base=f"BERT ({args.model_name_or_path})", dataset=dataset,
+                                model_class="AutoModelForSequenceClassification", results=results,
+                                sparsity=sparsity, tags=["bert", "text-classification"])
+        initial = result["initial_eval"]
+        if initial:
+            print(f"validation accuracy: {initial['accuracy']:.4f} before -> {result['final_eval']['accuracy']:.4f} "
+                  f"after {result['completed_steps']} steps")
+        print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
+              f"AutoModelForSequenceClassification.from_pretrained({args.output_dir!r})")
+    common.push_to_hub(accelerator, args, "End of training")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.RecipeError as error:
+        common.fail(error)
