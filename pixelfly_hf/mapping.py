@@ -7,7 +7,7 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import PixelflyConfig
+from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
 from .models import ARCHITECTURES, PixelflyModelMixin, supported_classes
 from .models.base import install_pixelfly_layers
@@ -88,7 +88,7 @@ def resolve_plan(model: nn.Module, config: PixelflyConfig) -> dict[str, dict]:
 
     plan = {}
     for rel in (name for name in candidates if name in targets):  # model order
-        settings = {key: getattr(config, key) for key in ("density", "butterfly_size", "n_factors", "low_rank", "gate", "block_size")}
+        settings = {key: getattr(config, key) for key in OVERRIDE_KEYS}
         for _, match, values in overrides:
             if match(candidates[rel], rel):
                 if "density" in values:
