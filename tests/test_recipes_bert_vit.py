@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,59 @@ def test_bert_recipe_fine_tunes_real_minilm_projected_to_pixelfly(tmp_path, hf_h
     assert results["eval_accuracy"] >= 0.8, results
     _, accuracy = accuracy_of_saved_classifier(out, sentiment_csv)
     assert accuracy == pytest.approx(results["eval_accuracy"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """imagefolder layout, 3 colour classes of noisy 16x16 PNGs: <split>/<class>/<n>.png."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6)):
+        for c, name in enumerate(["red", "green", "blue"]):
+            (d / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 90, (16, 16, 3))
+                pixels[..., c] += 140
+                Image.fromarray(pixels.astype(np.uint8)).save(d / split / name / f"{i}.png")
+    return d
+
+
+def vit_flags(images, out):
+    return ["--model_size", "tiny", "--train_dir", str(images / "train"), "--validation_dir", str(images / "val"),
+            "--image_size", "16", "--patch_size", "4", "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--output_dir", str(out)]
+
+
+def test_vit_recipe_image_folder_trains_saves_and_reloads(tmp_path, hf_home, image_folder):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    out = tmp_path / "out"
+    proc = run_recipe("vit_cifar.py", [*vit_flags(image_folder, out), "--max_train_steps", "6"], hf_home)
+    results = read_results(out)
+    assert results["completed_steps"] == 6 and results["pixelfly"] is True and 0 < results["density"] < 1
+    assert results["train_images_per_second"] > 0 and "validation accuracy:" in proc.stdout
+    assert json.loads((out / "config.json").read_text())["model_type"] == "pixelfly_vit"
+
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    files = sorted((image_folder / "val").glob("*/*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255)
+                          .permute(2, 0, 1) for f in files])
+    pixels = (pixels - torch.tensor(processor.image_mean).view(3, 1, 1)) / torch.tensor(processor.image_std).view(3, 1, 1)
+    labels = torch.tensor([model.config.label2id[f.parent.name] for f in files])
+    with torch.no_grad():
+        accuracy = (model(pixel_values=pixels).logits.argmax(-1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(results["eval_accuracy"], abs=1e-9)
+
+
+def test_vit_bad_image_column_fails_before_training(tmp_path, hf_home, image_folder):
+    proc = run_recipe("vit_cifar.py", [*vit_flags(image_folder, tmp_path / "out"), "--image_column_name", "img"],
+                      hf_home, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --image_column_name 'img' is not a column of the dataset; its columns are ['image', 'label']" \
+        in proc.stderr
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()

@@ -1,0 +1,219 @@
+"""Train a Pixelfly ViT on CIFAR-10 (or a local image folder) with accelerate.
+
+    accelerate launch recipes/vit_cifar.py --model_size small                    # CIFAR-10, from scratch
+    accelerate launch recipes/vit_cifar.py --model_name_or_path google/vit-base-patch16-224-in21k
+    accelerate launch recipes/vit_cifar.py --model_size tiny --train_dir my_images/train \\
+        --validation_dir my_images/val                                           # imagefolder layout
+
+Augmentation: random crop (padding 1/8 of the side, reflected) + horizontal flip; images are
+normalised with the model's mean/std. Reports accuracy. See recipes/README.md.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from datasets import load_dataset
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
+    ViTImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# name: (hidden, layers, heads, Pixelfly minimum tile, default lr)
+MODEL_SIZES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, block_size=16, lr=1e-3),
+    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, block_size=32, lr=1e-3),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, block_size=32, lr=5e-4),
+}
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", default="uoft-cs/cifar10", help="a Hub image dataset (ignored with --train_dir)")
+    g.add_argument("--train_dir", help="a local image folder: <dir>/<class name>/<image files>")
+    g.add_argument("--validation_dir", help="the same layout for evaluation; without it, --train_val_split")
+    g.add_argument("--train_val_split", type=float, default=0.1,
+                   help="fraction of train held out when the dataset has no validation/test split")
+    g.add_argument("--image_column_name", default=None, help="default: 'img' if the dataset has it, else 'image'")
+    g.add_argument("--label_column_name", default="label")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="small", help="ViT preset from scratch")
+    g.add_argument("--model_name_or_path", help="a pretrained ViT (Hub id or folder) to sparsify and fine-tune")
+    g.add_argument("--image_size", type=int, default=32, help="input side for from-scratch presets")
+    g.add_argument("--patch_size", type=int, default=4, help="patch side for from-scratch presets")
+    g.add_argument("--dropout", type=float, default=0.0, help="ViT hidden/attention dropout (from scratch)")
+    common.add_pixelfly_args(parser, block_size=None)
+    common.add_training_args(parser, output_dir=None, batch_size=128, epochs=10)
+    args = parser.parse_args(argv)
+    preset = MODEL_SIZES[args.model_size]
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if args.model_name_or_path else preset["lr"]
+    if args.pixelfly_block_size is None:
+        args.pixelfly_block_size = 32 if args.model_name_or_path else preset["block_size"]
+    if args.output_dir is None:
+        name = Path(args.model_name_or_path).name if args.model_name_or_path else f"vit-{args.model_size}"
+        args.output_dir = f"outputs/{name}-{'dense' if args.dense else 'pixelfly'}"
+    if args.validation_dir and not args.train_dir:
+        raise common.RecipeError("--validation_dir needs --train_dir too")
+    if not args.model_name_or_path and args.image_size % args.patch_size:
+        raise common.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
+                                 f"{args.patch_size}; pick sizes that tile the image")
+    common.check_args(args)
+    return args
+
+
+def load_images(args):
+    """Raw datasets with 'train' and 'validation' splits, plus the image column's name."""
+    if args.train_dir:
+        files = {"train": str(Path(args.train_dir) / "**")}
+        if args.validation_dir:
+            files["validation"] = str(Path(args.validation_dir) / "**")
+        for d in (args.train_dir, args.validation_dir):
+            if d and not Path(d).is_dir():
+                raise common.RecipeError(f"image folder {d} does not exist")
+        raw = load_dataset("imagefolder", data_files=files)
+    else:
+        raw = load_dataset(args.dataset_name)
+    if "validation" not in raw:
+        if "test" in raw:
+            raw["validation"] = raw.pop("test")
+        else:
+            split = raw["train"].train_test_split(test_size=args.train_val_split, seed=args.seed,
+                                                  stratify_by_column=args.label_column_name
+                                                  if args.label_column_name in raw["train"].column_names else None)
+            raw["train"], raw["validation"] = split["train"], split["test"]
+    image_column = args.image_column_name or ("img" if "img" in raw["train"].column_names else "image")
+    for split in ("train", "validation"):
+        common.check_column(raw[split], image_column, "--image_column_name")
+        common.check_column(raw[split], args.label_column_name, "--label_column_name")
+    return raw, image_column
+
+
+def make_transforms(size, mean, std):
+    """PIL image -> normalised CHW float tensor; the train version crops randomly and flips."""
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
+    pad = max(size // 8, 1)
+
+    def to_tensor(image):
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def train(image):
+        x = torch.nn.functional.pad(to_tensor(image)[None], (pad, pad, pad, pad), mode="reflect")[0]
+        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        x = x[:, top:top + size, left:left + size]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x - mean) / std
+
+    def evaluate(image):
+        return (to_tensor(image) - mean) / std
+
+    return train, evaluate
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = common.make_accelerator(args, "vit_pixelfly")
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        raw, image_column = load_images(args)
+    labels = raw["train"].features[args.label_column_name].names
+    if args.model_name_or_path:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        if config.model_type != "vit":
+            raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
+                                     "model; this recipe sparsifies ViT checkpoints (model_type 'vit')")
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        model = AutoModelForImageClassification.from_pretrained(
+            args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+    else:
+        preset = {k: v for k, v in MODEL_SIZES[args.model_size].items() if k not in ("block_size", "lr")}
+        config = ViTConfig(**preset, intermediate_size=4 * preset["hidden_size"], image_size=args.image_size,
+                           patch_size=args.patch_size, hidden_dropout_prob=args.dropout,
+                           attention_probs_dropout_prob=args.dropout, num_labels=len(labels),
+                           id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+        processor = ViTImageProcessor(size={"height": args.image_size, "width": args.image_size},
+                                      image_mean=CIFAR_MEAN, image_std=CIFAR_STD)
+        model = AutoModelForImageClassification.from_config(config)
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
+
+    train_transform, eval_transform = make_transforms(model.config.image_size, processor.image_mean,
+                                                      processor.image_std)
+
+    def with_transform(transform):
+        def apply(batch):
+            return {"pixel_values": [transform(image) for image in batch[image_column]],
+                    "labels": batch[args.label_column_name]}
+        return apply
+
+    train_set, eval_set = raw["train"], raw["validation"]
+    if args.max_train_samples is not None:
+        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_eval_samples is not None:
+        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    train_set = train_set.with_transform(with_transform(train_transform))
+    eval_set = eval_set.with_transform(with_transform(eval_transform))
+
+    def collate(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["labels"] for e in examples])}
+
+    train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=collate,
+                                  batch_size=args.per_device_train_batch_size)
+    eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+
+    optimizer = common.make_optimizer(model, args)
+    lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    common.init_tracking(accelerator, args, "vit_pixelfly")
+
+    def evaluate_accuracy(model):
+        model.eval()
+        metric = common.load_metric("accuracy")
+        for batch in eval_dataloader:
+            with torch.no_grad():
+                predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
+            predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+            metric.add_batch(predictions=predictions.tolist(), references=references.tolist())
+        return metric.compute()
+
+    result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, evaluate_accuracy,
+                        count_fn=lambda batch: batch["pixel_values"].shape[0], unit="images")
+
+    common.save_model(accelerator, model, args, processor)
+    if accelerator.is_main_process:
+        results = common.write_results(args, result, sparsity, {"image_size": model.config.image_size})
+        base = f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})"
+        common.write_model_card(args, recipe="vit_cifar.py", title=Path(args.output_dir).name, base=base,
+                                dataset=args.train_dir or args.dataset_name,
+                                model_class="AutoModelForImageClassification", results=results,
+                                sparsity=sparsity, tags=["vit", "image-classification"])
+        initial = result["initial_eval"]
+        if initial:
+            print(f"validation accuracy: {initial['accuracy']:.4f} before -> {result['final_eval']['accuracy']:.4f} "
+                  f"after {result['completed_steps']} steps")
+        print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
+              f"AutoModelForImageClassification.from_pretrained({args.output_dir!r})")
+    common.push_to_hub(accelerator, args, "End of training")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.RecipeError as error:
+        common.fail(error)
