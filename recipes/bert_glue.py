@@ -88,7 +88,7 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args, "bert_glue_pixelfly")
+    accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
     config = AutoConfig.from_pretrained(args.model_name_or_path)

@@ -135,7 +135,7 @@ def check_column(dataset, column, flag):
 # Setup
 
 
-def make_accelerator(args, project_name):
+def make_accelerator(args):
     """Mixed precision, distribution and CPU use come from `accelerate launch` / its config file."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -144,7 +144,6 @@ def make_accelerator(args, project_name):
         # The shuffle order is a function of (seed, epoch) only, so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    accelerator.project_name = project_name
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -506,7 +505,7 @@ def push_to_hub(accelerator, args, commit_message):
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
     api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                      ignore_patterns=["step_*", "epoch_*", f"{TMP_PREFIX}*", LOG_FILE, "runs/*", "*/events.*"])
+                      ignore_patterns=["step_*", "epoch_*", f"{TMP_PREFIX}*"])
     accelerator.print(f"pushed to https://huggingface.co/{repo_id}")
     return repo_id
 

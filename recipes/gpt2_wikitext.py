@@ -10,6 +10,7 @@ Add --dense for the same run without Pixelfly. Mixed precision and the number of
 come from `accelerate launch` (e.g. --mixed_precision bf16) or its config file. See recipes/README.md.
 """
 import argparse
+import glob
 import logging
 import sys
 from itertools import chain
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default="Salesforce/wikitext", help="a Hub dataset (ignored with --train_file)")
     g.add_argument("--dataset_config_name", default="wikitext-103-raw-v1")
-    g.add_argument("--train_file", help="a .txt / .csv / .json(l) file of training text")
+    g.add_argument("--train_file", help="a .txt / .csv / .json(l) / .parquet file (or glob) of training text")
     g.add_argument("--validation_file", help="held-out text; without it, --validation_split_percentage of train")
     g.add_argument("--validation_split_percentage", type=int, default=5)
     g.add_argument("--text_column_name", default="text")
@@ -76,8 +77,8 @@ def load_text(args):
         if args.validation_file:
             files["validation"] = args.validation_file
         for f in files.values():
-            if not Path(f).is_file():
-                raise common.RecipeError(f"data file {f} does not exist")
+            if not glob.glob(f):
+                raise common.RecipeError(f"data file {f} does not exist (a path or a glob pattern)")
         ext = Path(args.train_file).suffix.lstrip(".")
         builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
@@ -111,7 +112,7 @@ def tokenize_and_group(raw, tokenizer, seq_len, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args, "gpt2_pixelfly")
+    accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
     # Model config first: it is cheap and lets bad flags fail before any data is read.

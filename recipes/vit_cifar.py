@@ -124,7 +124,7 @@ def make_transforms(size, mean, std):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = common.make_accelerator(args, "vit_pixelfly")
+    accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
     with accelerator.main_process_first():

@@ -20,7 +20,7 @@ def recipe_env(hf_home, threads=None):
     return env
 
 
-def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True):
+def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True, extra_env=None):
     """Run recipes/<recipe> with `python` (one process) or `accelerate launch` on CPU (two real processes)."""
     if processes == 1:
         cmd = [sys.executable, str(RECIPES / recipe), *args]
@@ -31,6 +31,7 @@ def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True):
                str(RECIPES / recipe), *args]
         env = recipe_env(hf_home, threads=1)
         env["ACCELERATE_USE_CPU"] = "1"
+    env.update(extra_env or {})
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

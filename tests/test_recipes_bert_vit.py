@@ -13,6 +13,7 @@ import torch
 import pixelfly_hf  # noqa: F401  (registers the Pixelfly model types for the Auto classes)
 
 from helpers_recipes import read_log, read_results, run_recipe
+from hub_server import LocalHub
 
 POSITIVE = ["good", "great", "love", "wonderful", "happy", "best", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "hate", "terrible", "sad", "worst", "poor", "dull"]
@@ -158,7 +159,15 @@ def test_vit_recipe_image_folder_trains_saves_and_reloads(tmp_path, hf_home, ima
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     out = tmp_path / "out"
-    proc = run_recipe("vit_cifar.py", [*vit_flags(image_folder, out), "--max_train_steps", "6"], hf_home)
+    with LocalHub() as hub:
+        proc = run_recipe("vit_cifar.py", [*vit_flags(image_folder, out), "--max_train_steps", "6",
+                                           "--checkpointing_steps", "3", "--push_to_hub", "--hub_model_id",
+                                           "tester/vit-tiny-pixelfly"], hf_home,
+                          extra_env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_dummy"})
+    pushed = set(hub.repos["tester/vit-tiny-pixelfly"])
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"} <= pushed
+    assert not any(name.startswith(("step_", ".tmp-")) for name in pushed) and (out / "step_3").is_dir()
+    assert "eval_accuracy" in hub.repos["tester/vit-tiny-pixelfly"]["README.md"].decode()
     results = read_results(out)
     assert results["completed_steps"] == 6 and results["pixelfly"] is True and 0 < results["density"] < 1
     assert results["train_images_per_second"] > 0 and "validation accuracy:" in proc.stdout
