@@ -162,7 +162,10 @@ _butterfly_dw_tuned = triton.autotune(
 def _launch(kernel, tuned, grid, args, kwargs, config, default):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune)."""
     if config is None and not INTERPRET:
-        wrap_triton(tuned)[grid](*args, **kwargs)  # traceable by torch.compile inside the triton_op
+        # plain tensors: launch directly; fake/functional tensors mean torch.compile is tracing the triton_op,
+        # which needs the traceable wrapper (in eager the wrapper would route every call through a HOP)
+        traced = any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in args if isinstance(t, torch.Tensor))
+        (wrap_triton(tuned) if traced else tuned)[grid](*args, **kwargs)
         return
     block_m, block_n, block_k, warps, stages = config or default
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}

@@ -1,13 +1,15 @@
-"""Test-session setup: Triton's CPU interpreter and an offline Hub, set before any kernel module is imported."""
+"""Test-session setup: an offline Hub and, without a GPU, Triton's CPU interpreter (set before any kernel
+module is imported; with a GPU the kernels compile for it and the `gpu` tests run)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from backends import BACKENDS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -40,7 +41,7 @@ def float64_reference(layer, x):
     return y, x64, params
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}to{c[1]}_bs{c[2]}k{c[3]}r{c[4]}")
 def test_forward_and_all_gradients_match_float64(backend, gate, cfg):
@@ -62,7 +63,7 @@ def test_forward_and_all_gradients_match_float64(backend, gate, cfg):
         assert rel(param.grad, params[name].grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_matches_float64(backend):
     torch.manual_seed(3)
     layer = random_layer(128, 256, 8, 2, 16, backend=backend, dtype=torch.float16)
