@@ -166,6 +166,7 @@ def build(recipe, rargs, vocab_size, tokenizer, device):
                         attn_pdrop=rargs.dropout, bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.loss_type = "ForCausalLM"  # as the recipe does: no per-forward warning, no graph break there
     main_process = types.SimpleNamespace(is_main_process=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the per-matrix table goes to the JSON, not the console
         model, sparsity = recipe.common.apply_pixelfly(model, rargs, main_process, pretrained=False)

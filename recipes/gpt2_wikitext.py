@@ -156,6 +156,9 @@ def main(argv=None):
             model.resize_token_embeddings(len(tokenizer))
     else:
         model = AutoModelForCausalLM.from_config(config)
+    # GPT2LMHeadModel's class name maps to no loss type: name it, or transformers warns on every forward
+    # (and torch.compile breaks the graph there)
+    model.loss_type = "ForCausalLM"
     model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
 
     optimizer = common.make_optimizer(model, args)
