@@ -58,7 +58,7 @@ def parse_args(argv=None):
         raise common.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
     if args.output_dir is None:
         task = args.task_name or Path(args.train_file).stem
-        args.output_dir = f"outputs/{Path(args.model_name_or_path).name}-{task}-{'dense' if args.dense else 'pixelfly'}"
+        args.output_dir = common.default_output_dir(args, f"{Path(args.model_name_or_path).name}-{task}")
     common.check_args(args)
     return args
 
@@ -126,10 +126,7 @@ def main(argv=None):
         processed = raw.map(preprocess, batched=True, remove_columns=raw["train"].column_names,
                             num_proc=args.preprocessing_num_workers, desc="tokenizing")
     train_set, eval_set = processed["train"], processed["validation"]
-    if args.max_train_samples is not None:
-        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
-    if args.max_eval_samples is not None:
-        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
     train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size)
@@ -170,18 +167,11 @@ def main(argv=None):
                                 base=f"BERT ({args.model_name_or_path})", dataset=dataset,
                                 model_class="AutoModelForSequenceClassification", results=results,
                                 sparsity=sparsity, tags=["bert", "text-classification"])
-        initial = result["initial_eval"]
-        if initial:
-            print(f"validation accuracy: {initial['accuracy']:.4f} before -> {result['final_eval']['accuracy']:.4f} "
-                  f"after {result['completed_steps']} steps")
-        print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
-              f"AutoModelForSequenceClassification.from_pretrained({args.output_dir!r})")
+        common.print_before_after(result, "accuracy")
+        common.print_load_hint(args, "AutoModelForSequenceClassification")
     common.push_to_hub(accelerator, args, "End of training")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.RecipeError as error:
-        common.fail(error)
+    common.run(main)

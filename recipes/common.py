@@ -125,6 +125,25 @@ def check_args(args):
                           f"checkpoint folder (e.g. {args.output_dir}/step_100) or 'latest'")
 
 
+def default_output_dir(args, name):
+    """The --output_dir used when none is given: outputs/<name>-dense or outputs/<name>-pixelfly."""
+    return f"outputs/{name}-{'dense' if args.dense else 'pixelfly'}"
+
+
+def resolve_defaults(args, preset, *, family, finetune_lr):
+    """Fill the flags left at None whose default depends on the run: --learning_rate and
+    --pixelfly_block_size from the from-scratch `preset` (its "lr" and "block_size"), or finetune_lr and
+    32 with --model_name_or_path; --output_dir from the checkpoint's name or "<family>-<model_size>"."""
+    if args.learning_rate is None:
+        args.learning_rate = finetune_lr if args.model_name_or_path else preset["lr"]
+    if args.pixelfly_block_size is None:
+        args.pixelfly_block_size = 32 if args.model_name_or_path else preset["block_size"]
+    if args.output_dir is None:
+        name = Path(args.model_name_or_path).name if args.model_name_or_path else f"{family}-{args.model_size}"
+        args.output_dir = default_output_dir(args, name)
+    return args
+
+
 def check_column(dataset, column, flag):
     if column not in dataset.column_names:
         raise RecipeError(f"{flag} {column!r} is not a column of the dataset; its columns are "
@@ -155,6 +174,15 @@ def load_metric(name):
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+def limit_samples(args, train_set, eval_set):
+    """The first --max_train_samples / --max_eval_samples examples of each split (all without the flag)."""
+    if args.max_train_samples is not None:
+        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_eval_samples is not None:
+        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    return train_set, eval_set
 
 
 def apply_pixelfly(model, args, accelerator, *, pretrained):
@@ -497,6 +525,20 @@ def write_model_card(args, *, recipe, title, base, dataset, model_class, results
     (out / "README.md").write_text("\n".join(lines))
 
 
+def print_before_after(result, metric, fmt=".4f"):
+    """`validation <metric>: <before> -> <after> after N steps` (nothing after a resume: no initial eval)."""
+    initial = result["initial_eval"]
+    if initial:
+        print(f"validation {metric}: {initial[metric]:{fmt}} before -> {result['final_eval'][metric]:{fmt}} "
+              f"after {result['completed_steps']} steps")
+
+
+def print_load_hint(args, model_class):
+    """Where the model was saved and the one call that reloads it."""
+    print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
+          f"{model_class}.from_pretrained({args.output_dir!r})")
+
+
 def push_to_hub(accelerator, args, commit_message):
     if not args.push_to_hub or not accelerator.is_main_process:
         return None
@@ -514,3 +556,11 @@ def fail(error):
     """Print a RecipeError without a traceback and exit with status 2 (like argparse)."""
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run(main):
+    """A recipe's `if __name__ == "__main__":` entry: main(), with a RecipeError reported by `fail`."""
+    try:
+        main()
+    except RecipeError as error:
+        fail(error)

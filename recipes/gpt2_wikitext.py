@@ -57,14 +57,7 @@ def parse_args(argv=None):
     common.add_pixelfly_args(parser, block_size=None)
     common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1)
     args = parser.parse_args(argv)
-    preset = MODEL_SIZES[args.model_size]
-    if args.learning_rate is None:
-        args.learning_rate = 1e-4 if args.model_name_or_path else preset["lr"]
-    if args.pixelfly_block_size is None:
-        args.pixelfly_block_size = 32 if args.model_name_or_path else preset["block_size"]
-    if args.output_dir is None:
-        name = Path(args.model_name_or_path).name if args.model_name_or_path else f"gpt2-{args.model_size}"
-        args.output_dir = f"outputs/{name}-{'dense' if args.dense else 'pixelfly'}"
+    common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
     if args.validation_file and not args.train_file:
         raise common.RecipeError("--validation_file needs --train_file too")
     common.check_args(args)
@@ -137,10 +130,7 @@ def main(argv=None):
     with accelerator.main_process_first():
         lm = tokenize_and_group(load_text(args), tokenizer, seq_len, args)
     train_set, eval_set = lm["train"], lm["validation"]
-    if args.max_train_samples is not None:
-        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
-    if args.max_eval_samples is not None:
-        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     if len(eval_set) == 0:
         raise common.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
                                  "give more validation text or a smaller --seq_len")
@@ -192,10 +182,7 @@ def main(argv=None):
         common.write_model_card(args, recipe="gpt2_wikitext.py", title=Path(args.output_dir).name, base=base,
                                 dataset=dataset, model_class="AutoModelForCausalLM", results=results,
                                 sparsity=sparsity, tags=["gpt2", "text-generation"])
-        initial = result["initial_eval"]
-        if initial:
-            print(f"validation perplexity: {initial['perplexity']:.2f} before -> "
-                  f"{result['final_eval']['perplexity']:.2f} after {result['completed_steps']} steps")
+        common.print_before_after(result, "perplexity", ".2f")
         print(f"throughput: {result['throughput']:,.0f} tokens/s over {result['train_seconds']:.1f} s of training")
         print(f"saved to {args.output_dir}\nload it with:\n"
               f"    import pixelfly_hf  # registers the Pixelfly model types\n"
@@ -207,7 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.RecipeError as error:
-        common.fail(error)
+    common.run(main)

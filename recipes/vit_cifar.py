@@ -52,14 +52,7 @@ def parse_args(argv=None):
     common.add_pixelfly_args(parser, block_size=None)
     common.add_training_args(parser, output_dir=None, batch_size=128, epochs=10)
     args = parser.parse_args(argv)
-    preset = MODEL_SIZES[args.model_size]
-    if args.learning_rate is None:
-        args.learning_rate = 5e-5 if args.model_name_or_path else preset["lr"]
-    if args.pixelfly_block_size is None:
-        args.pixelfly_block_size = 32 if args.model_name_or_path else preset["block_size"]
-    if args.output_dir is None:
-        name = Path(args.model_name_or_path).name if args.model_name_or_path else f"vit-{args.model_size}"
-        args.output_dir = f"outputs/{name}-{'dense' if args.dense else 'pixelfly'}"
+    common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
     if args.validation_dir and not args.train_dir:
         raise common.RecipeError("--validation_dir needs --train_dir too")
     if not args.model_name_or_path and args.image_size % args.patch_size:
@@ -160,10 +153,7 @@ def main(argv=None):
         return apply
 
     train_set, eval_set = raw["train"], raw["validation"]
-    if args.max_train_samples is not None:
-        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
-    if args.max_eval_samples is not None:
-        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     train_set = train_set.with_transform(with_transform(train_transform))
     eval_set = eval_set.with_transform(with_transform(eval_transform))
 
@@ -202,18 +192,11 @@ def main(argv=None):
                                 dataset=args.train_dir or args.dataset_name,
                                 model_class="AutoModelForImageClassification", results=results,
                                 sparsity=sparsity, tags=["vit", "image-classification"])
-        initial = result["initial_eval"]
-        if initial:
-            print(f"validation accuracy: {initial['accuracy']:.4f} before -> {result['final_eval']['accuracy']:.4f} "
-                  f"after {result['completed_steps']} steps")
-        print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
-              f"AutoModelForImageClassification.from_pretrained({args.output_dir!r})")
+        common.print_before_after(result, "accuracy")
+        common.print_load_hint(args, "AutoModelForImageClassification")
     common.push_to_hub(accelerator, args, "End of training")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.RecipeError as error:
-        common.fail(error)
+    common.run(main)
