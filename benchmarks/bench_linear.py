@@ -17,21 +17,12 @@ import torch.nn.functional as F
 import triton
 
 from pixelfly_hf import PixelflyLinear
+from timing import median_ms  # benchmarks/timing.py
 from pixelfly_kernels import butterfly_matmul as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1280, 5120), (4096, 4096)]
 LAYOUTS = [(32, 2), (16, 2), (16, 3), (8, 2)]  # (butterfly_size, n_factors): 9.4%, 18.75%, 25%, 37.5%
-
-
-def bench(fn, input_sets):
-    state = {"i": 0}
-
-    def step():
-        fn(*input_sets[state["i"] % len(input_sets)])
-        state["i"] += 1
-
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def monarch_factors(in_f, out_f, density, device, dtype):
@@ -76,9 +67,9 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
         gs = [torch.randn(tokens, out_f, device="cuda", dtype=dtype) for _ in range(3)]
         w_dense = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
         dense_flops = 2 * tokens * in_f * out_f
-        d_fwd = bench(lambda x, g: F.linear(x, w_dense), list(zip(xs, gs)))
-        d_dx = bench(lambda x, g: g @ w_dense, list(zip(xs, gs)))
-        d_dw = bench(lambda x, g: g.T @ x, list(zip(xs, gs)))
+        d_fwd = median_ms(lambda x, g: F.linear(x, w_dense), list(zip(xs, gs)))
+        d_dx = median_ms(lambda x, g: g @ w_dense, list(zip(xs, gs)))
+        d_dw = median_ms(lambda x, g: g.T @ x, list(zip(xs, gs)))
         d_total = d_fwd + d_dx + d_dw
         dense_tflops = 3 * dense_flops / d_total / 1e9
         rows.append({"shape": f"{in_f}->{out_f}", "impl": "dense cuBLAS", "density": 1.0, "fwd_ms": d_fwd, "dx_ms": d_dx,
@@ -94,9 +85,9 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
             kernels.butterfly_matmul_dw(gs[0], xs[0], k + 1, bs)
             torch.cuda.synchronize()
             tuning.append({"shape": f"{in_f}->{out_f}", "layout": f"bs={bs} k={k}", "first_call_s": time.perf_counter() - t0})
-            f = bench(lambda x, g: kernels.butterfly_matmul(x, w), list(zip(xs, gs)))
-            dx = bench(lambda x, g: kernels.butterfly_matmul_t(g, w), list(zip(xs, gs)))
-            dw = bench(lambda x, g: kernels.butterfly_matmul_dw(g, x, k + 1, bs), list(zip(xs, gs)))
+            f = median_ms(lambda x, g: kernels.butterfly_matmul(x, w), list(zip(xs, gs)))
+            dx = median_ms(lambda x, g: kernels.butterfly_matmul_t(g, w), list(zip(xs, gs)))
+            dw = median_ms(lambda x, g: kernels.butterfly_matmul_dw(g, x, k + 1, bs), list(zip(xs, gs)))
             total = f + dx + dw
             tf = 3 * nz_flops / total / 1e9
             base = {"shape": f"{in_f}->{out_f}", "density": density, "layout": f"bs={bs} k={k} tile {q}x{p}"}
@@ -107,8 +98,8 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
                 layer = PixelflyLinear(in_f, out_f, bias=False, butterfly_size=bs, n_factors=k, rank=rank, block_size=16,
                                        device="cuda", dtype=dtype)
                 xr = [x.detach().clone().requires_grad_() for x in xs]
-                lf = bench(lambda x, g: layer(x), list(zip(xr, gs)))
-                lt = bench(lambda x, g: layer(x).backward(g), list(zip(xr, gs)))
+                lf = median_ms(lambda x, g: layer(x), list(zip(xr, gs)))
+                lt = median_ms(lambda x, g: layer(x).backward(g), list(zip(xr, gs)))
                 flops = 2 * tokens * layer.num_params_structured * 3
                 rows.append({**base, "impl": f"PixelflyLinear r={rank}", "fwd_ms": lf, "total_ms": lt,
                              "tflops": flops / lt / 1e9, "pct_dense": 100 * flops / lt / 1e9 / dense_tflops,
@@ -116,8 +107,8 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
             # Monarch-style two-bmm layer of about the same parameter count
             n, w1, w2 = monarch_factors(in_f, out_f, density, "cuda", dtype)
             xr = [x.detach().clone().requires_grad_() for x in xs]
-            mf = bench(lambda x, g: monarch_forward(x, n, w1, w2), list(zip(xr, gs)))
-            mt = bench(lambda x, g: monarch_forward(x, n, w1, w2).backward(g), list(zip(xr, gs)))
+            mf = median_ms(lambda x, g: monarch_forward(x, n, w1, w2), list(zip(xr, gs)))
+            mt = median_ms(lambda x, g: monarch_forward(x, n, w1, w2).backward(g), list(zip(xr, gs)))
             m_params = w1.numel() + w2.numel()
             rows.append({**base, "impl": f"Monarch 2xbmm nblocks={n} ({m_params / (in_f * out_f):.1%})", "fwd_ms": mf,
                          "total_ms": mt, "tflops": 6 * tokens * m_params / mt / 1e9,
@@ -125,7 +116,7 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
             # torch's BSR kernel, forward only (it has no weight gradient)
             try:
                 block, bsr_fwd = bsr_forward_fn(butterfly_to_dense(w), q, p)
-                bf = bench(lambda x, g: bsr_fwd(x), list(zip(xs, gs)))
+                bf = median_ms(lambda x, g: bsr_fwd(x), list(zip(xs, gs)))
                 rows.append({**base, "impl": f"torch BSR {block}x{block} (fwd only)", "fwd_ms": bf,
                              "tflops": nz_flops / bf / 1e9, "pct_dense": 100 * (nz_flops / bf) / (dense_flops / d_fwd),
                              "speedup_fwd": d_fwd / bf})

@@ -16,6 +16,7 @@ import triton
 from torch import nn
 
 from pixelfly_hf import PixelflyLinear
+from timing import median_ms  # benchmarks/timing.py
 from pixelfly_kernels import butterfly_matmul as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
@@ -88,17 +89,6 @@ def check_layer(dtype=torch.bfloat16):
     return rows
 
 
-def bench(fn, inputs):
-    """Median ms of fn over rotating input sets (so L2 does not serve them)."""
-    state = {"i": 0}
-
-    def step():
-        fn(*inputs[state["i"] % len(inputs)])
-        state["i"] += 1
-
-    return triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
-
-
 def time_mlp_shapes(tokens=16384, dtype=torch.bfloat16):
     rows = []
     shapes = [("gpt2-small fc1", 768, 3072), ("gpt2-small fc2", 3072, 768),
@@ -113,8 +103,8 @@ def time_mlp_shapes(tokens=16384, dtype=torch.bfloat16):
         }
         times = {}
         for label, layer in layers.items():
-            fwd = bench(lambda x, g: layer(x), list(zip(xs, gs)))
-            fwd_bwd = bench(lambda x, g: layer(x).backward(g), list(zip(xs, gs)))
+            fwd = median_ms(lambda x, g: layer(x), list(zip(xs, gs)), warmup=50, rep=200)
+            fwd_bwd = median_ms(lambda x, g: layer(x).backward(g), list(zip(xs, gs)), warmup=50, rep=200)
             times[label] = (fwd, fwd_bwd)
         d = times["dense"]
         for label, (fwd, fb) in times.items():

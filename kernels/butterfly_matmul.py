@@ -135,7 +135,8 @@ def _config(block_m, block_n, block_k, warps, stages):
 # rows/cols are the tile's (q, p) and k runs over tokens.
 TUNING_CONFIGS = [
     _config(128, 128, 64, 8, 3), _config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 3),
-    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 32, 32, 4, 4), _config(256, 64, 64, 8, 3),
+    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 32, 32, 4, 4),
+    _config(256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
 ]
 
 

@@ -66,7 +66,8 @@ def _backward(ctx, grad):
     x, weight, lowrank_u, lowrank_v = ctx.saved_tensors
     grad = grad.contiguous()
     needs = ctx.needs_input_grad
-    dz = grad @ lowrank_u if lowrank_u is not None else None
+    lowrank = lowrank_u is not None
+    dz = grad @ lowrank_u if lowrank and (needs[0] or needs[4]) else None
     dx = dw = dbias = du = dv = None
     if needs[0]:
         dx = butterfly_mm_t(grad, weight, dz, lowrank_v, ctx.backend)
@@ -74,10 +75,10 @@ def _backward(ctx, grad):
         dw = butterfly_mm_dw(grad, x, weight.shape[1], weight.shape[0], ctx.backend).to(weight.dtype)
     if ctx.has_bias and needs[2]:
         dbias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    if lowrank_u is not None and (needs[3] or needs[4]):
-        z = x @ lowrank_v.T  # recomputed: cheaper than keeping (T, r) alive between forward and backward
-        du = grad.T @ z if needs[3] else None
-        dv = dz.T @ x if needs[4] else None
+    if lowrank and needs[3]:
+        du = grad.T @ (x @ lowrank_v.T)  # Z recomputed (one skinny GEMM) rather than saved from the forward
+    if lowrank and needs[4]:
+        dv = dz.T @ x
     return dx, dw, dbias, du, dv, None
 
 

@@ -208,8 +208,7 @@ def plan_matrix(
             f"density={density} is below the sparsest layout available for {in_features}->{out_features} "
             f"with block_size={block_size} ({smallest_sparse / dense:.2%}); raise density or lower block_size."
         )
-    max_rank = int(room // (out_features + in_features)) // 8 * 8
-    rank = min(rank, max(max_rank, 0))
+    rank = min(rank, int(room // (out_features + in_features)) // 8 * 8)
 
     lowrank_params = rank * (out_features + in_features)
 

@@ -155,9 +155,9 @@ class PixelflyLinear(nn.Module):
         target = dense.detach().to(torch.float32)
         B, Fs = self.butterfly_size, self.layout.n_tiles_per_row
         low = torch.zeros_like(target)
-        for _ in range(max(1, n_iter) if self.rank else 1):
+        for _ in range(max(1, n_iter)):
             tiles = dense_to_butterfly(target - low, B, Fs)
-            if not self.rank:
+            if not self.rank:  # without a low-rank term, keeping the tiles is already the exact minimiser
                 break
             u, s, vh = torch.linalg.svd(target - butterfly_to_dense(tiles), full_matrices=False)
             root = s[: self.rank].sqrt()
