@@ -86,17 +86,14 @@ def _butterfly_mm_kernel(
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
-    M, Q, P, ROWS_PER_SPLIT, SPLIT_STRIDE,
+    M, Q, P,
     stride_gm, stride_xm,
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over this split's share of the tokens
+    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
     pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
     pid_t = tl.program_id(1)
-    pid_s = tl.program_id(2)  # token split: partial sums land in their own slice, summed afterwards
-    k_start = pid_s * ROWS_PER_SPLIT
-    k_end = tl.minimum(M, k_start + ROWS_PER_SPLIT)
     r = pid_rj // F
     j = pid_rj % F
     partner = r ^ ((1 << j) >> 1)
@@ -106,11 +103,11 @@ def _butterfly_dw_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_q = offs_q < Q
     mask_p = offs_p < P
-    g_ptrs = g_ptr + (k_start + offs_k)[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile
-    x_ptrs = x_ptr + (k_start + offs_k)[:, None] * stride_xm + partner * P + offs_p[None, :]
+    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k + k0 < k_end
+    for k0 in range(0, M, BLOCK_K):
+        mask_k = offs_k + k0 < M
         g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
@@ -119,7 +116,7 @@ def _butterfly_dw_kernel(
         acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
         g_ptrs += BLOCK_K * stride_gm
         x_ptrs += BLOCK_K * stride_xm
-    dw_ptrs = dw_ptr + pid_s * SPLIT_STRIDE + pid_rj * Q * P + offs_q[:, None] * P + offs_p[None, :]
+    dw_ptrs = dw_ptr + pid_rj * Q * P + offs_q[:, None] * P + offs_p[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
 
 
@@ -252,21 +249,8 @@ def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=N
     return _launch_mm(grad, weight, None, dz, lowrank_v, partner_weight=True, out=out, config=config)
 
 
-def _token_splits(M: int, programs: int, device: torch.device) -> int:
-    """How many token ranges dW's K dimension is cut into so that at least ~2 programs run per SM."""
-    if INTERPRET or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(8, (2 * sms) // max(programs, 1), M // 1024))
-
-
-def butterfly_matmul_dw(grad, x, n_slots: int, butterfly_size: int, out=None, config=None, splits=None) -> torch.Tensor:
-    """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype.
-
-    With few stored tiles (small layers) the token dimension is split across programs: each writes an fp32
-    partial sum to its own slice and the slices are summed in a fixed order (deterministic, no atomics).
-    splits: force the number of token ranges (tests); default: enough programs to fill the GPU.
-    """
+def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
+    """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
     _check("grad", grad, 2)
     _check("input", x, 2)
     if grad.shape[0] != x.shape[0]:
@@ -277,19 +261,12 @@ def butterfly_matmul_dw(grad, x, n_slots: int, butterfly_size: int, out=None, co
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
     dw = _output(out, (B, F, q, p), x)
-    if splits is None:
-        splits = _token_splits(M, B * F * triton.cdiv(q, 128) * triton.cdiv(p, 128), x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 64) * 64  # a multiple of every BLOCK_K
-    splits = triton.cdiv(M, rows_per_split)
-    target = dw if splits == 1 else torch.empty(splits, B, F, q, p, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"]), splits
+        return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"])
 
-    args = (grad, x, target, M, q, p, rows_per_split, B * F * q * p, grad.stride(0), x.stride(0))
+    args = (grad, x, dw, M, q, p, grad.stride(0), x.stride(0))
     kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype))
     default = (_tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3)
     _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
-    if splits > 1:
-        dw.copy_(target.sum(0))
     return dw

@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 import torch
-from backends import BACKENDS, needs_interpreter
+from backends import BACKENDS
 
 from pixelfly_hf.patterns import FlatButterflyLayout
 from pixelfly_kernels import butterfly_matmul as triton_impl
@@ -112,14 +112,3 @@ def test_fused_low_rank_segment(impl, rank):
     full = dense + u.double() @ v.double()
     assert rel_err(y, x.double() @ full.T) < 1e-5
     assert rel_err(dx, grad.double() @ full) < 1e-5
-
-
-@needs_interpreter
-@pytest.mark.parametrize("splits", [2, 3])
-def test_dw_token_splits_sum_to_the_whole(splits):
-    """dW with the token dimension split across programs (used when few tiles would leave SMs idle)."""
-    torch.manual_seed(splits)
-    layout, weight, dense, x, grad = make_case(300, 128, 64, 4, 1, torch.float32)
-    dw = triton_impl.butterfly_matmul_dw(grad, x, 2, 4, out=torch.full_like(weight, float("nan")), splits=splits)
-    want = (grad.double().T @ x.double()) * dense_mask(layout)
-    assert rel_err(reference.butterfly_to_dense(dw.double()), want) < 1e-5
