@@ -14,11 +14,10 @@ time: large means the GPU waits on Python).
 What is shared with the recipe (recipes/gpt2_wikitext.py): its flags and defaults (model presets, dropout,
 density, low rank, Pixelfly block size, target modules, lr, betas, weight decay, grad clip, schedule) through
 its own `parse_args`, the Pixelfly wiring (`common.apply_pixelfly`, random init as for from-scratch training)
-and the AdamW parameter groups (`common.make_optimizer`). The step itself lives inside accelerate's loop
+and the optimizer (`common.make_optimizer`: AdamW, fused on GPU, no decay on biases/norms). The step itself lives inside accelerate's loop
 (`common.fit`), so it is replicated minimally: bf16 autocast on the forward (what `accelerate launch
 --mixed_precision bf16` does, fp32 weights), backward, clip_grad_norm_, optimizer step, lr schedule step,
-zero_grad. One difference on purpose: the optimizer is rebuilt from the recipe's groups as *fused* AdamW
-(`--optimizer recipe` keeps the recipe's default foreach AdamW). Inputs are random tokens with labels = inputs
+zero_grad. Inputs are random tokens with labels = inputs
 and an all-ones attention mask, as the recipe's collator gives (`--no-attention-mask` drops it).
 """
 import argparse
@@ -99,8 +98,6 @@ def parse_args(recipe, argv=None):
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--density", type=float, default=None,
                    help="Pixelfly budget per matrix (default: the recipe's --density default)")
-    p.add_argument("--optimizer", choices=("fused", "recipe"), default="fused",
-                   help="fused: AdamW(fused=True) over the recipe's parameter groups; recipe: the recipe's AdamW")
     p.add_argument("--attention-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="pass the all-ones attention mask the recipe's collator gives")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
@@ -171,14 +168,6 @@ def build(recipe, rargs, vocab_size, tokenizer, device):
     with contextlib.redirect_stdout(io.StringIO()):  # the per-matrix table goes to the JSON, not the console
         model, sparsity = recipe.common.apply_pixelfly(model, rargs, main_process, pretrained=False)
     return model.to(device), sparsity
-
-
-def make_optimizer(recipe, model, rargs, kind):
-    recipe_opt = recipe.common.make_optimizer(model, rargs)
-    if kind == "recipe":
-        return recipe_opt
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in recipe_opt.param_groups]
-    return torch.optim.AdamW(groups, lr=recipe_opt.defaults["lr"], betas=recipe_opt.defaults["betas"], fused=True)
 
 
 class StepTimer:
@@ -267,7 +256,7 @@ def run_config(recipe, args, model_size, variant, mode, vocab_size, tokenizer):
                            "block_size": rargs.pixelfly_block_size, "target_modules": rargs.target_modules,
                            "replaced_matrices": sparsity["replaced_matrices"], "layers": sparsity["layers"]}
     model.train()
-    optimizer = make_optimizer(recipe, model, rargs, args.optimizer)
+    optimizer = recipe.common.make_optimizer(model, rargs, args.device)
     total_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
     scheduler = get_scheduler(rargs.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=rargs.num_warmup_steps,
                               num_training_steps=total_steps)
@@ -413,7 +402,7 @@ def main(argv=None):
     vocab_size = len(tokenizer)
     defaults = recipe_args(recipe, args.models[0], "pixelfly", args.density, args.seq_len)
     print(f"{environment(args.device)}\nPixelfly: density {defaults.density}, low rank {defaults.low_rank}, "
-          f"targets {defaults.target_modules}; optimizer {args.optimizer} AdamW, attention mask "
+          f"targets {defaults.target_modules}; recipe's AdamW, attention mask "
           f"{'ones' if args.attention_mask else 'none'}; budget {args.budget_s:.0f} s", flush=True)
 
     rows = []
@@ -453,7 +442,7 @@ def write_outputs(args, rows, defaults, start):
     details = breakdown_tables(rows)
     table = summary_table(rows)
     total = time.perf_counter() - start
-    title = (f"GPT-2 training step, {environment(args.device)['device']}, bf16 autocast, {args.optimizer} AdamW, "
+    title = (f"GPT-2 training step, {environment(args.device)['device']}, bf16 autocast, recipe's AdamW ({'fused' if args.device.type == 'cuda' else 'foreach'}), "
              f"{args.steps} timed steps after {args.warmup} warmup, medians; total {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

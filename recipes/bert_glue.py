@@ -137,7 +137,7 @@ def main(argv=None):
         id2label=dict(enumerate(label_names)), label2id=label_to_id)
     model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True)
 
-    optimizer = common.make_optimizer(model, args)
+    optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)

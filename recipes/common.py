@@ -55,6 +55,9 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--num_train_epochs", type=int, default=epochs)
     g.add_argument("--max_train_steps", type=int, default=None,
                    help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--max_train_minutes", type=float, default=None,
+                   help="also stop once training (not evaluation) has taken this long, checked every "
+                        "--logging_steps; for equal-time comparisons (pair it with a constant lr schedule)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear",
                    choices=[s.value for s in SchedulerType])
@@ -114,6 +117,8 @@ def check_args(args):
             raise RecipeError(f"--{flag} {getattr(args, flag)} must be >= 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise RecipeError(f"--max_train_steps {args.max_train_steps} must be >= 1")
+    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
+        raise RecipeError(f"--max_train_minutes {args.max_train_minutes} must be > 0 (leave it out for no limit)")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             raise RecipeError(f"--checkpointing_steps {args.checkpointing_steps!r}: give a positive number of "
@@ -209,15 +214,16 @@ def apply_pixelfly(model, args, accelerator, *, pretrained):
     return model, summary
 
 
-def make_optimizer(model, args):
-    """AdamW; no weight decay on biases and norm weights."""
+def make_optimizer(model, args, device):
+    """AdamW (fused into one kernel per step on GPU); no weight decay on biases and norm weights."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2),
+                             fused=device.type == "cuda")
 
 
 def plan_steps(args, num_batches_per_epoch):
@@ -356,12 +362,13 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
 
     evaluate_fn(model) -> dict of metrics (computed with gather_for_metrics, same on every process).
     count_fn(batch) -> number of `unit`s (tokens, images, ...) in this process's batch, for throughput.
-    Returns {"initial_eval", "final_eval", "throughput", "train_seconds", "completed_steps"}.
+    Returns {"initial_eval", "final_eval", "throughput", "train_seconds", "completed_steps", "stopped_by"}.
+    Every eval record in the log also carries train/seconds and train/<unit> so far (loss-vs-time plots).
     """
     plan_steps(args, len(train_dataloader))  # the prepared loader's length, per process
     checkpoint_every = args.checkpointing_steps
     resume_dir = find_checkpoint(args)
-    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0}
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "train_seconds": 0.0, "units_seen": 0}
     if resume_dir is not None:
         state = read_checkpoint_state(resume_dir)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -370,11 +377,19 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 f"optimizer steps = {args.max_train_steps}", main_process_only=True)
     log = TrainLog(accelerator, args, state["completed_steps"] if resume_dir is not None else None)
 
+    # train/seconds and train/<unit> count from the first step, across resumes
+    train_seconds, units_total = state["train_seconds"], state["units_seen"]
+    window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
+
+    def eval_record(metrics):
+        return {**{f"eval/{k}": v for k, v in metrics.items()}, "train/seconds": train_seconds + window_seconds,
+                f"train/{unit}": units_total + window_units * accelerator.num_processes}
+
     result = {"initial_eval": None}
     if resume_dir is None:
         result["initial_eval"] = evaluate_fn(model)
         accelerator.print(f"before training: {format_metrics(result['initial_eval'])}")
-        log.write({f"eval/{k}": v for k, v in result["initial_eval"].items()}, step=0)
+        log.write(eval_record(result["initial_eval"]), step=0)
 
     if resume_dir is not None and state["completed_steps"] >= args.max_train_steps:
         resume(accelerator, resume_dir, state["completed_steps"])  # already finished: just reload
@@ -382,10 +397,10 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
     progress = tqdm(range(args.max_train_steps), initial=state["completed_steps"],
                     disable=not accelerator.is_local_main_process)
     completed_steps = state["completed_steps"]
-    train_seconds, units_total = 0.0, 0
-    window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
+    time_budget = args.max_train_minutes * 60 if args.max_train_minutes else math.inf
+    stopped_by = "steps"
     for epoch in range(state["epoch"], args.num_train_epochs):
-        if completed_steps >= args.max_train_steps:
+        if completed_steps >= args.max_train_steps or stopped_by == "time":
             break
         model.train()
         skip = state["batches_in_epoch"] if (resume_dir is not None and epoch == state["epoch"]) else 0
@@ -421,9 +436,14 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
             window_seconds += now - tick
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 units = torch.tensor(float(window_units), dtype=torch.float64, device=accelerator.device)
-                stats = accelerator.reduce(torch.stack([window_loss / window_micro, units]), reduction="sum")
+                # the time check rides on this reduction, so every process stops at the same step
+                over_time = torch.tensor(float(train_seconds + window_seconds >= time_budget), dtype=torch.float64,
+                                         device=accelerator.device)
+                stats = accelerator.reduce(torch.stack([window_loss / window_micro, units, over_time]), reduction="sum")
                 train_loss = stats[0].item() / accelerator.num_processes
                 units = int(stats[1].item())
+                if stats[2].item() > 0:
+                    stopped_by = "time"
                 record = {"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
                           f"train/{unit}_per_second": units / window_seconds, "epoch": epoch}
                 log.write(record, step=completed_steps)
@@ -431,27 +451,32 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 train_seconds += window_seconds
                 units_total += units
                 window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
-            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < args.max_train_steps:
+            last_step = completed_steps >= args.max_train_steps or stopped_by == "time"  # evaluated after the loop
+            if args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 metrics = evaluate_fn(model)
                 model.train()
                 accelerator.print(f"step {completed_steps}: {format_metrics(metrics)}")
-                log.write({f"eval/{k}": v for k, v in metrics.items()}, step=completed_steps)
+                log.write(eval_record(metrics), step=completed_steps)
             if checkpoint_every not in (None, "epoch") and completed_steps % int(checkpoint_every) == 0:
                 save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
                                 {"completed_steps": completed_steps, "epoch": epoch,
-                                 "batches_in_epoch": batch_in_epoch})
-            if completed_steps >= args.max_train_steps:
+                                 "batches_in_epoch": batch_in_epoch, "train_seconds": train_seconds + window_seconds,
+                                 "units_seen": units_total + window_units * accelerator.num_processes})
+            if last_step:
                 break
             tick = time.perf_counter()
         if checkpoint_every == "epoch":
             save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}",
-                            {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0})
+                            {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
+                             "train_seconds": train_seconds + window_seconds,
+                             "units_seen": units_total + window_units * accelerator.num_processes})
     progress.close()
 
     result["final_eval"] = evaluate_fn(model)
-    accelerator.print(f"after training ({completed_steps} steps): {format_metrics(result['final_eval'])}")
-    log.write({f"eval/{k}": v for k, v in result["final_eval"].items()}, step=completed_steps)
-    result.update(completed_steps=completed_steps, train_seconds=train_seconds,
+    accelerator.print(f"after training ({completed_steps} steps, stopped by {stopped_by}): "
+                      f"{format_metrics(result['final_eval'])}")
+    log.write(eval_record(result["final_eval"]), step=completed_steps)
+    result.update(completed_steps=completed_steps, train_seconds=train_seconds, stopped_by=stopped_by,
                   throughput=units_total / train_seconds if train_seconds else None, unit=unit)
     if args.with_tracking:
         accelerator.end_training()
@@ -489,6 +514,7 @@ def write_results(args, result, sparsity, extra=None):
                **({f"initial_eval_{k}": v for k, v in result["initial_eval"].items()}
                   if result["initial_eval"] else {}),
                "completed_steps": result["completed_steps"], "train_seconds": result["train_seconds"],
+               "stopped_by": result["stopped_by"],
                f"train_{result['unit']}_per_second": result["throughput"],
                "pixelfly": not args.dense,
                "density": sparsity.get("density") if sparsity else 1.0, **(extra or {})}

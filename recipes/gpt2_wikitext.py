@@ -134,8 +134,10 @@ def main(argv=None):
     if len(eval_set) == 0:
         raise common.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
                                  "give more validation text or a smaller --seq_len")
+    # drop_last: a short final batch makes torch.compile (accelerate's --dynamo_backend) recompile every
+    # epoch; on an H200 that stalled GPT-2 small for 27-46 s at each epoch end (benchmarks/quality_equal_time.py)
     train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=default_data_collator,
-                                  batch_size=args.per_device_train_batch_size)
+                                  batch_size=args.per_device_train_batch_size, drop_last=True)
     eval_dataloader = DataLoader(eval_set, collate_fn=default_data_collator,
                                  batch_size=args.per_device_eval_batch_size)
 
@@ -151,7 +153,7 @@ def main(argv=None):
     model.loss_type = "ForCausalLM"
     model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
 
-    optimizer = common.make_optimizer(model, args)
+    optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)

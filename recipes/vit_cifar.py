@@ -165,7 +165,7 @@ def main(argv=None):
                                   batch_size=args.per_device_train_batch_size)
     eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
-    optimizer = common.make_optimizer(model, args)
+    optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)

@@ -70,6 +70,9 @@ def test_gpt2_trains_saves_and_reloads(tmp_path, hf_home, text_files, dense):
     train, evals = read_log(out)
     assert sorted(train) == list(range(1, 7)) and all(r["train/tokens_per_second"] > 0 for r in train.values())
     assert sorted(evals) == [0, 6]
+    assert evals[0]["train/seconds"] == 0 and evals[0]["train/tokens"] == 0
+    assert evals[6]["train/tokens"] == 6 * 4 * 32 and evals[6]["train/seconds"] > 0
+    assert results["stopped_by"] == "steps"
     model, loss = eval_loss_of_saved_model(out, text_files)
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
     config = json.loads((out / "config.json").read_text())
@@ -85,7 +88,47 @@ def test_gpt2_trains_saves_and_reloads(tmp_path, hf_home, text_files, dense):
         assert "transformer.h.0.mlp.c_fc" in card
 
 
+def test_gpt2_stops_at_the_time_limit(tmp_path, hf_home, text_files):
+    """--max_train_minutes ends a run long before --max_train_steps, at a logging step, with the time and
+    token counts in every eval record (what equal-time comparisons plot)."""
+    out = tmp_path / "out"
+    run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--dense", "--max_train_steps", "100000",
+                                    "--logging_steps", "2", "--eval_steps", "4", "--max_train_minutes", "0.05",
+                                    "--lr_scheduler_type", "constant", "--output_dir", str(out)], hf_home)
+    results = read_results(out)
+    assert results["stopped_by"] == "time"
+    assert results["completed_steps"] % 2 == 0 and 2 <= results["completed_steps"] < 100000
+    assert 3.0 <= results["train_seconds"] < 30
+    train, evals = read_log(out)
+    steps = sorted(evals)
+    assert steps[0] == 0 and steps[-1] == results["completed_steps"]
+    assert all(evals[s]["train/tokens"] == s * 4 * 32 for s in steps)
+    seconds = [evals[s]["train/seconds"] for s in steps]
+    assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(results["train_seconds"])
+
+
+def test_gpt2_epoch_has_only_full_batches(tmp_path, hf_home, text_files):
+    """30 blocks at batch 4 make 7 steps per epoch, not 8: a short last batch would make torch.compile
+    recompile at every epoch end."""
+    out = tmp_path / "out"
+    run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--dense", "--num_train_epochs", "2",
+                                    "--max_train_samples", "30", "--output_dir", str(out)], hf_home)
+    assert read_results(out)["completed_steps"] == 14
+
+
+def test_optimizer_is_fused_on_gpu_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    args = SimpleNamespace(weight_decay=0.1, learning_rate=1e-3, adam_beta2=0.95)
+    for device, fused in (("cuda", True), ("cpu", False)):
+        optimizer = common.make_optimizer(model, args, torch.device(device))
+        assert bool(optimizer.defaults["fused"]) is fused
+        decay, no_decay = optimizer.param_groups
+        assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.1
+        assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--max_train_minutes", "0"], "--max_train_minutes 0.0 must be > 0"),
     (["--density", "1.5"], "--density 1.5 is out of range"),
     (["--density", "0"], "--density 0.0 is out of range"),
     (["--seq_len", "2048"], "--seq_len 2048 does not fit the model: it has 1024 positions"),
