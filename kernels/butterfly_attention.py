@@ -113,40 +113,42 @@ def get_block_mask(seq_len: int, spec: PatternSpec, causal: bool, device: torch.
     )
 
 
-def _flex_plain(q, k, v, block_mask, scale):
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+def _flex_plain(q, k, v, block_mask, scale, kernel_options):
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options)
 
 
-def _flex_key_padding(q, k, v, block_mask, scale, key_keep):
+def _flex_key_padding(q, k, v, block_mask, scale, kernel_options, key_keep):
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(key_keep[b, kv_idx], score, -float("inf"))
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          kernel_options=kernel_options)
 
 
-def _flex_full_mask(q, k, v, block_mask, scale, keep):
+def _flex_full_mask(q, k, v, block_mask, scale, kernel_options, keep):
     # keep: (B, 1 or H, S, S); rare (packed sequences, custom 4-D masks), costs one gather per score
     per_head = keep.shape[1] > 1
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(keep[b, h if per_head else 0, q_idx, kv_idx], score, -float("inf"))
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          kernel_options=kernel_options)
 
 
 _COMPILED: dict = {}
 
 
-def _maybe_compiled(fn, device: torch.device):
+def _maybe_compiled(fn, device: torch.device, mode: str | None):
     # FlexAttention must be compiled on GPU (eager is an O(S^2)-memory decomposition); CPU stays
     # eager, which is what the CPU tests exercise (forward only: eager CPU Flex has no backward).
     if device.type != "cuda":
         return fn
-    if fn not in _COMPILED:
+    if (fn, mode) not in _COMPILED:
         # one specialisation per (shape, pattern); dynamo's default of 8 would silently drop to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+        _COMPILED[fn, mode] = torch.compile(fn, dynamic=False, mode=mode)
+    return _COMPILED[fn, mode]
 
 
 def key_padding_from_mask(keep: torch.Tensor, causal: bool) -> torch.Tensor | None:
@@ -172,10 +174,13 @@ def flex_pixelfly_attention(
     causal: bool,
     scale: float,
     keep: torch.Tensor | None = None,
+    kernel_options: dict | None = None,
+    compile_mode: str | None = None,
 ) -> torch.Tensor:
     """Pixelfly attention through FlexAttention; q/k/v (B, H, S, D), equal lengths. ``keep`` is an
     optional (B, 1 or H, S, S) bool mask (True = may attend) ANDed with the pattern. Sequences are
-    zero-padded to a multiple of the block size and the output is cut back. Returns (B, H, S, D)."""
+    zero-padded to a multiple of the block size and the output is cut back. Returns (B, H, S, D).
+    ``kernel_options`` / ``compile_mode`` go to flex_attention / torch.compile (benchmarks tune them)."""
     b, _, s, _ = query.shape
     padded = -(-s // spec.block_size) * spec.block_size
     pad = padded - s
@@ -184,13 +189,15 @@ def flex_pixelfly_attention(
     block_mask = get_block_mask(s, spec, causal, query.device)
     device = query.device
     if keep is None:
-        out = _maybe_compiled(_flex_plain, device)(query, key, value, block_mask, scale)
+        out = _maybe_compiled(_flex_plain, device, compile_mode)(query, key, value, block_mask, scale, kernel_options)
     else:
         key_keep = key_padding_from_mask(keep, causal)
         if key_keep is not None:
             key_keep = torch.nn.functional.pad(key_keep, (0, pad), value=False)
-            out = _maybe_compiled(_flex_key_padding, device)(query, key, value, block_mask, scale, key_keep)
+            out = _maybe_compiled(_flex_key_padding, device, compile_mode)(
+                query, key, value, block_mask, scale, kernel_options, key_keep)
         else:
             keep = torch.nn.functional.pad(keep, (0, pad, 0, pad), value=False)
-            out = _maybe_compiled(_flex_full_mask, device)(query, key, value, block_mask, scale, keep)
+            out = _maybe_compiled(_flex_full_mask, device, compile_mode)(
+                query, key, value, block_mask, scale, kernel_options, keep)
     return out[:, :, :s] if pad else out
