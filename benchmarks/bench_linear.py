@@ -5,7 +5,9 @@
 For each shape and flat butterfly layout (densities 9.4%, 18.75%, 25%, 37.5%): medians of triton's do_bench
 over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonzero FLOPs (2 * tokens * stored
 weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
-time / our time. Autotuning happens on the first call of each kernel and is timed separately (Triton caches
+time / our time. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
+FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y once, the stored
+weights once) at the copy bandwidth measured in the same run. Autotuning happens on the first call of each kernel and is timed separately (Triton caches
 the result on disk, so a second run skips it).
 """
 import argparse
@@ -60,8 +62,25 @@ def bsr_forward_fn(dense_masked, tile_q, tile_p):
     return block, lambda x: bsr_dense_mm(bsr, x.T)
 
 
+def copy_bandwidth_gbs():
+    """Device-to-device copy rate (read + write bytes per second) on 1 GiB: the byte ceiling."""
+    src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
+    """Sum over fwd, dX, dW of max(FLOP floor at cuBLAS's per-product rate, compulsory-byte floor)."""
+    nnz = density * in_f * out_f
+    bytes_per_product = elem * (tokens * (in_f + out_f) + nnz)
+    return sum(max(density * t, bytes_per_product / bandwidth_gbs / 1e6) for t in dense_ms)
+
+
 def run(tokens, shapes, layouts, dtype=torch.bfloat16):
     rows, tuning = [], []
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     for in_f, out_f in shapes:
         xs = [torch.randn(tokens, in_f, device="cuda", dtype=dtype) for _ in range(3)]
         gs = [torch.randn(tokens, out_f, device="cuda", dtype=dtype) for _ in range(3)]
@@ -90,9 +109,11 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
             dw = median_ms(lambda x, g: kernels.butterfly_matmul_dw(g, x, k + 1, bs), list(zip(xs, gs)))
             total = f + dx + dw
             tf = 3 * nz_flops / total / 1e9
+            floor = roofline_ms(tokens, in_f, out_f, density, (d_fwd, d_dx, d_dw), bandwidth)
             base = {"shape": f"{in_f}->{out_f}", "density": density, "layout": f"bs={bs} k={k} tile {q}x{p}"}
             rows.append({**base, "impl": "pixelfly kernels", "fwd_ms": f, "dx_ms": dx, "dw_ms": dw, "total_ms": total,
-                         "tflops": tf, "pct_dense": 100 * tf / dense_tflops, "speedup": d_total / total})
+                         "tflops": tf, "pct_dense": 100 * tf / dense_tflops, "speedup": d_total / total,
+                         "floor_ms": floor, "pct_roofline": 100 * floor / total})
             # the full layer through autograd, sparse only and with the rank-32 low-rank term
             for rank in (0, 32):
                 layer = PixelflyLinear(in_f, out_f, bias=False, butterfly_size=bs, n_factors=k, rank=rank, block_size=16,
@@ -122,11 +143,12 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
                              "speedup_fwd": d_fwd / bf})
             except Exception as err:  # report, don't hide: BSR refuses some block shapes
                 rows.append({**base, "impl": "torch BSR", "error": f"{type(err).__name__}: {err}"[:120]})
-    return rows, tuning
+    return rows, tuning, bandwidth
 
 
 def print_table(rows):
-    print(f"{'shape':<11} {'layout':<24} {'impl':<36} {'fwd':>7} {'dX':>7} {'dW':>7} {'total':>7} {'TF/s':>6} {'%dense':>6} {'speedup':>7}")
+    print(f"{'shape':<11} {'layout':<24} {'impl':<36} {'fwd':>7} {'dX':>7} {'dW':>7} {'total':>7} {'TF/s':>6} {'%dense':>6} "
+          f"{'speedup':>7} {'floor':>7} {'%roofline':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<11} {r.get('layout', ''):<24} {r['impl']:<36} {r['error']}")
@@ -134,7 +156,8 @@ def print_table(rows):
         cell = lambda key: f"{r[key]:7.3f}" if key in r else f"{'-':>7}"
         speed = r.get("speedup", r.get("speedup_fwd"))
         print(f"{r['shape']:<11} {r.get('layout', 'dense'):<24} {r['impl']:<36} {cell('fwd_ms')} {cell('dx_ms')} {cell('dw_ms')} "
-              f"{cell('total_ms')} {r['tflops']:6.0f} {r['pct_dense']:6.1f} {speed:7.2f}" + (" (fwd)" if "speedup_fwd" in r else ""))
+              f"{cell('total_ms')} {r['tflops']:6.0f} {r['pct_dense']:6.1f} {speed:7.2f}" + (" (fwd)" if "speedup_fwd" in r else "")
+              + (f" {r['floor_ms']:7.3f} {r['pct_roofline']:9.1f}" if "floor_ms" in r else ""))
 
 
 def plot(rows, path):
@@ -165,13 +188,14 @@ def main():
     args = parser.parse_args()
     shapes, layouts = (SHAPES[2:3] + SHAPES[5:], LAYOUTS[1:3]) if args.quick else (SHAPES, LAYOUTS)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  tokens {args.tokens}", flush=True)
-    rows, tuning = run(args.tokens, shapes, layouts)
+    rows, tuning, bandwidth = run(args.tokens, shapes, layouts)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "tokens": args.tokens, "rows": rows, "tuning": tuning}, f, indent=1)
+                       "tokens": args.tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning}, f,
+                      indent=1)
     if args.plot:
         plot(rows, args.plot)
 
