@@ -9,7 +9,7 @@ reset per config), warmup time (the first step carries torch.compile and Triton 
 timing), and with --profile a per-step breakdown of GPU kernel time from torch.profiler (sparse matmuls = our
 Triton kernels; dense matmuls = cuBLAS/CUTLASS incl. the LM head and the Pixelfly low-rank GEMMs; attention;
 elementwise/norms; loss; optimizer incl. grad clipping; other) and the host gap (step time minus summed kernel
-time: large means the GPU waits on Python).
+time: large means the GPU waits on Python), with the host ops that take the most self CPU time per step.
 
 What is shared with the recipe (recipes/gpt2_wikitext.py): its flags and defaults (model presets, dropout,
 density, low rank, Pixelfly block size, target modules, lr, betas, weight decay, grad clip, schedule) through
@@ -212,10 +212,13 @@ def classify(chain):
 
 
 def breakdown(prof, device, n_steps, step_ms):
-    """Per-step time per category, the top kernels, and the host gap (step time minus device-busy time)."""
-    per_category, per_name = defaultdict(float), defaultdict(float)
+    """Per-step time per category, the top kernels, the host gap (step time minus device-busy time) and, on
+    GPU, the host ops with the most self CPU time (what the host spends a step on when the gap is large)."""
+    per_category, per_name, host = defaultdict(float), defaultdict(float), defaultdict(float)
     for event in prof.events():
         if device.type == "cuda":
+            if event.device_type == DeviceType.CPU and not event.is_async:
+                host[event.name] += event.self_cpu_time_total
             if event.device_type != DeviceType.CUDA:
                 continue
             us, chain = event.time_range.elapsed_us(), [event.name]
@@ -239,6 +242,8 @@ def breakdown(prof, device, n_steps, step_ms):
         "category_pct": {c: 100 * v / busy_ms if busy_ms else 0.0 for c, v in ms.items()},
         "top_kernels": [{"name": n, "ms_per_step": us / 1e3 / n_steps, "category": classify([n]),
                          "pct": 100 * us / 1e3 / n_steps / busy_ms if busy_ms else 0.0} for n, us in top],
+        "top_host_ops": [{"name": n, "self_cpu_ms_per_step": us / 1e3 / n_steps}
+                         for n, us in sorted(host.items(), key=lambda kv: -kv[1])[:15]],
     }
 
 
@@ -312,7 +317,7 @@ def run_config(recipe, args, model_size, variant, mode, vocab_size, tokenizer):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     if args.profile:
-        activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync(device)
         tick = time.perf_counter()
         with profile(activities=activities) as prof:
@@ -381,6 +386,10 @@ def breakdown_tables(rows):
                   "| ms/step | % | category | name |", "|---|---|---|---|"]
         lines += [f"| {k['ms_per_step']:.2f} | {k['pct']:.1f} | {k['category']} | `{k['name'][:110]}` |"
                   for k in r["breakdown"]["top_kernels"]]
+        if r["breakdown"]["top_host_ops"]:
+            lines += ["", f"Host ops by self CPU time, gpt2-{r['model']} {r['variant']} {r['mode']}:", "",
+                      "| self CPU ms/step | op |", "|---|---|"]
+            lines += [f"| {k['self_cpu_ms_per_step']:.2f} | `{k['name'][:110]}` |" for k in r["breakdown"]["top_host_ops"]]
     return "\n".join(lines)
 
 
