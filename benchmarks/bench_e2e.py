@@ -4,7 +4,7 @@
     python benchmarks/bench_e2e.py --dry-run                            # tiny GPT-2 on CPU, checks the script
 
 For each model (small 16x1024 tokens, medium 8x1024 by default), variant (dense / Pixelfly) and mode (eager /
-compile): tokens/s (batch * seq / median step time), median step time, peak GPU memory (max_memory_allocated,
+compile / cudagraphs): tokens/s (batch * seq / median step time), median step time, peak GPU memory (max_memory_allocated,
 reset per config), warmup time (the first step carries torch.compile and Triton autotuning; excluded from the
 timing), and with --profile a per-step breakdown of GPU kernel time from torch.profiler (sparse matmuls = our
 Triton kernels; dense matmuls = cuBLAS/CUTLASS incl. the LM head and the Pixelfly low-rank GEMMs; attention;
