@@ -244,3 +244,17 @@ def test_gpt2_two_cpu_processes_match_one(tmp_path, hf_home, text_files):
     assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)
     assert r2["initial_eval_loss"] == pytest.approx(r1["initial_eval_loss"], rel=1e-6)
     assert json.loads((double / "config.json").read_text())["model_type"] == "pixelfly_gpt2"
+
+
+def test_gpt2_time_limit_stops_two_processes_together(tmp_path, hf_home, text_files):
+    """Under DDP the time check rides on the logging reduction: both processes stop at the same step (a
+    process that stopped alone would leave the other waiting in the next collective until the timeout)."""
+    out = tmp_path / "out"
+    run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--max_train_steps", "100000", "--logging_steps", "2",
+                                    "--max_train_minutes", "0.05", "--lr_scheduler_type", "constant",
+                                    "--output_dir", str(out)], hf_home, processes=2, timeout=300)
+    results = read_results(out)
+    assert results["stopped_by"] == "time" and 2 <= results["completed_steps"] < 100000
+    train, evals = read_log(out)
+    assert max(train) == results["completed_steps"] == max(evals)
+    assert evals[max(evals)]["train/tokens"] == results["completed_steps"] * 2 * 4 * 32  # 2 processes x batch 4
