@@ -128,8 +128,7 @@ def main(argv=None):
     train_set, eval_set = processed["train"], processed["validation"]
     train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
-    train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=collator,
-                                  batch_size=args.per_device_train_batch_size)
+    train_dataloader = common.make_train_dataloader(train_set, args, collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
     model = AutoModelForSequenceClassification.from_pretrained(

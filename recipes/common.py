@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
@@ -212,6 +213,14 @@ def apply_pixelfly(model, args, accelerator, *, pretrained):
     else:
         summary = None
     return model, summary
+
+
+def make_train_dataloader(train_set, args, collate_fn):
+    """Shuffled training batches, without the short last batch: under torch.compile (accelerate's
+    --dynamo_backend) its new shape recompiles the model at every epoch end (27-46 s each for GPT-2 small on
+    an H200, BENCHMARKS.md)."""
+    return DataLoader(train_set, shuffle=True, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size,
+                      drop_last=True)
 
 
 def make_optimizer(model, args, device):

@@ -134,10 +134,7 @@ def main(argv=None):
     if len(eval_set) == 0:
         raise common.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
                                  "give more validation text or a smaller --seq_len")
-    # drop_last: a short final batch makes torch.compile (accelerate's --dynamo_backend) recompile every
-    # epoch; on an H200 that stalled GPT-2 small for 27-46 s at each epoch end (benchmarks/quality_equal_time.py)
-    train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=default_data_collator,
-                                  batch_size=args.per_device_train_batch_size, drop_last=True)
+    train_dataloader = common.make_train_dataloader(train_set, args, default_data_collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=default_data_collator,
                                  batch_size=args.per_device_eval_batch_size)
 

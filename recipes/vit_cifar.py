@@ -161,8 +161,7 @@ def main(argv=None):
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}
 
-    train_dataloader = DataLoader(train_set, shuffle=True, collate_fn=collate,
-                                  batch_size=args.per_device_train_batch_size)
+    train_dataloader = common.make_train_dataloader(train_set, args, collate)
     eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
 
     optimizer = common.make_optimizer(model, args, accelerator.device)
