@@ -1,0 +1,60 @@
+"""The GPU benchmark scripts' CPU dry runs, as a user types them: a script that no longer runs against the current
+package (a renamed argument, a changed signature) fails here instead of in a paid GPU session."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers_recipes import ROOT, recipe_env
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(name, *args, hf_home):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=ROOT, env=recipe_env(hf_home),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_bench_e2e_dry_run_times_dense_and_pixelfly(tmp_path):
+    run_script("bench_e2e.py", "--dry-run", "--json", str(tmp_path / "e2e.json"), "--md", str(tmp_path / "e2e.md"),
+               hf_home=tmp_path)
+    rows = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("pixelfly", "ok")]
+    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert 0 < rows[1]["pixelfly"]["density"] < 0.5 and rows[1]["params"] < rows[0]["params"]
+    assert "| gpt2-tiny | pixelfly" in (tmp_path / "e2e.md").read_text()
+
+
+def test_bench_attention_dry_run_matches_masked_sdpa(tmp_path):
+    run_script("bench_attention.py", "--dry-run", "--json", str(tmp_path / "attn.json"), hf_home=tmp_path)
+    rows = json.loads((tmp_path / "attn.json").read_text())["rows"]
+    assert {(r["causal"], r["seq_len"]) for r in rows} == {(c, s) for c in (True, False) for s in (64, 128)}
+    assert all(r["sdpa_ms"] > 0 and r["pixelfly_ms"] > 0 for r in rows)
+    # the sparse path against SDPA given the same pattern as a dense mask, fp32 on CPU
+    assert all(r["max_err_vs_masked_sdpa"] < 1e-5 for r in rows)
+
+
+def test_attention_quality_dry_run_trains_every_variant(tmp_path):
+    run_script("attention_quality.py", "--dry-run", "--json", str(tmp_path / "q.json"), hf_home=tmp_path)
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    variants = ["dense", "pixelfly", "pixelfly_performer", "sparse_only", "global_only", "performer_only"]
+    assert [r["variant"] for r in rows] == variants
+    assert all(4.5 < r["val_loss"] < 6.5 for r in rows)  # 3 steps: finite and still near ln(256) = 5.55
+
+
+@pytest.mark.slow
+def test_quality_equal_time_dry_run_compares_two_timed_runs(tmp_path):
+    out = tmp_path / "eqtime"
+    run_script("quality_equal_time.py", "--dry-run", "--out", str(out), hf_home=tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("dense", "pixelfly"):
+        final = summary["final"][side]
+        assert final["loss"] < 9.0 and final["tokens"] > 0 and final["steady_tokens_per_second"] > 0
+        assert json.loads((out / side / "all_results.json").read_text())["stopped_by"] == "time"
+    equal = summary["loss_at_equal_tokens"]
+    assert equal["tokens"] == min(summary["final"][s]["tokens"] for s in ("dense", "pixelfly"))
+    assert equal["pixelfly_over_dense"] == pytest.approx(equal["pixelfly"] / equal["dense"])
+    assert (out / "loss.png").stat().st_size > 10_000
