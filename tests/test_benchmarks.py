@@ -58,3 +58,13 @@ def test_quality_equal_time_dry_run_compares_two_timed_runs(tmp_path):
     assert equal["tokens"] == min(summary["final"][s]["tokens"] for s in ("dense", "pixelfly"))
     assert equal["pixelfly_over_dense"] == pytest.approx(equal["pixelfly"] / equal["dense"])
     assert (out / "loss.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", ["bench_linear", "check_gpu", "check_models_gpu", "profile_layer", "tune_attention"])
+def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
+    """Scripts with no CPU mode: at least every name they import from the package must still exist."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module(name)
+    assert callable(module.main)
