@@ -422,7 +422,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
             # the global RNG, which the uninterrupted run did before the checkpoint was written.
             resume(accelerator, resume_dir, completed_steps)
             resume_dir = None
-        batch_in_epoch = skip
+        batch_in_epoch, stopped_mid_epoch = skip, False
         tick = time.perf_counter()
         for batch in itertools.chain([first], batches) if first is not None else ():
             with accelerator.accumulate(model):
@@ -472,11 +472,16 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                                  "batches_in_epoch": batch_in_epoch, "train_seconds": train_seconds + window_seconds,
                                  "units_seen": units_total + window_units * accelerator.num_processes})
             if last_step:
+                stopped_mid_epoch = True
                 break
             tick = time.perf_counter()
         if checkpoint_every == "epoch":
+            # a run stopped by steps or time records where it stopped, so a resume (say, with more time)
+            # continues inside this epoch instead of skipping its remaining batches
+            position = ({"epoch": epoch, "batches_in_epoch": batch_in_epoch} if stopped_mid_epoch
+                        else {"epoch": epoch + 1, "batches_in_epoch": 0})
             save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}",
-                            {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0,
+                            {"completed_steps": completed_steps, **position,
                              "train_seconds": train_seconds + window_seconds,
                              "units_seen": units_total + window_units * accelerator.num_processes})
     progress.close()

@@ -94,9 +94,14 @@ def test_gpt2_stops_at_the_time_limit(tmp_path, hf_home, text_files):
     out = tmp_path / "out"
     run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--dense", "--max_train_steps", "100000",
                                     "--logging_steps", "2", "--eval_steps", "4", "--max_train_minutes", "0.05",
-                                    "--lr_scheduler_type", "constant", "--output_dir", str(out)], hf_home)
+                                    "--lr_scheduler_type", "constant", "--checkpointing_steps", "epoch",
+                                    "--output_dir", str(out)], hf_home)
     results = read_results(out)
     assert results["stopped_by"] == "time"
+    # the last checkpoint records the position inside its epoch, so resuming continues from there
+    state = max((common.read_checkpoint_state(p) for p in out.glob("epoch_*")), key=lambda s: s["completed_steps"])
+    assert state["completed_steps"] == results["completed_steps"] and state["batches_in_epoch"] > 0
+    assert state["train_seconds"] == pytest.approx(results["train_seconds"])
     assert results["completed_steps"] % 2 == 0 and 2 <= results["completed_steps"] < 100000
     assert 3.0 <= results["train_seconds"] < 30
     train, evals = read_log(out)
