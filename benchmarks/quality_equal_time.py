@@ -3,7 +3,7 @@
     python benchmarks/quality_equal_time.py --minutes 4 --out $OUT/eqtime \\
         --train_file corpus/train.txt --validation_file corpus/validation.txt       # GPU, ~2 x (4 min + setup)
     python benchmarks/quality_equal_time.py --report-only --out DIR                  # re-plot two finished runs
-    python benchmarks/quality_equal_time.py --dry-run --out /tmp/eqtime              # CPU smoke test, tiny model
+    python benchmarks/quality_equal_time.py --dry-run --out eqtime-dry              # CPU smoke test, tiny model
 
 Each side is one `accelerate launch recipes/gpt2_wikitext.py` (bf16, torch.compile through accelerate's
 --dynamo_backend, fused AdamW, constant learning rate after warmup so that stopping early is fair to both), with
