@@ -7,6 +7,8 @@ For each (causal, head_dim) at one sequence length it times forward alone and fo
   g64           the pattern with 64 global tokens (half of the first 128-token key block: a partial block)
   g128          global tokens = one whole block (every first-column tile becomes a full block)
   g0            no global tokens (sparse part only)
+  g128_flash    g128 on FlexAttention's CuTe "FLASH" backend (FlashAttention-4's sm90 kernels; needs the
+                flash-attn-4 and nvidia-cutlass-dsl wheels, see benchmarks/NOTES.md; an error is recorded otherwise)
   g128_tma      g128 with FlexAttention's TMA loads (kernel_options USE_TMA)
   g128_autotune g128 compiled with mode="max-autotune-no-cudagraphs" (autotunes Flex's tile configs)
 and the per-visited-tile rate relative to SDPA (1.0 = FlexAttention as fast per tile as cuDNN).
@@ -27,6 +29,7 @@ VARIANTS = {
     "g64": dict(n_global=64),
     "g128": dict(n_global=128),
     "g0": dict(n_global=0),
+    "g128_flash": dict(n_global=128, kernel_options={"BACKEND": "FLASH"}),
     "g128_tma": dict(n_global=128, kernel_options={"USE_TMA": True}),
     "g128_autotune": dict(n_global=128, compile_mode="max-autotune-no-cudagraphs"),
 }
@@ -76,8 +79,12 @@ def main(argv=None):
             opts = dict(VARIANTS[name])
             spec = PatternSpec(128, None, 3, opts.pop("n_global"))
             t0 = time.time()
-            fwd, total = timed(lambda q, k, v: flex_pixelfly_attention(q, k, v, spec, causal, d ** -0.5, **opts),
-                               row["inputs"], row["grad"])
+            try:
+                fwd, total = timed(lambda q, k, v: flex_pixelfly_attention(q, k, v, spec, causal, d ** -0.5, **opts),
+                                   row["inputs"], row["grad"])
+            except Exception as err:  # report, don't hide: e.g. the FLASH backend without its packages
+                row[name] = f"error: {type(err).__name__}: {err}"[:300]
+                continue
             density = block_density(s, spec, causal)
             row[name] = dict(fwd_ms=fwd, ms=total, speedup=row["sdpa_ms"] / total,
                              fwd_speedup=row["sdpa_fwd_ms"] / fwd, density=density,
@@ -89,7 +96,7 @@ def main(argv=None):
     print(f"\nfwd+bwd speedup over SDPA (rate per visited tile vs SDPA), S={s}, batch {b}, {args.heads} heads, bf16")
     print(f"{'causal':>6} {'d':>4} {'sdpa ms':>8} " + " ".join(f"{n:>18}" for n in args.variants))
     for r in rows:
-        cells = [f"{r[n]['speedup']:.2f}x ({r[n]['rate_vs_sdpa']:.2f})" if isinstance(r[n], dict) else "skipped"
+        cells = [f"{r[n]['speedup']:.2f}x ({r[n]['rate_vs_sdpa']:.2f})" if isinstance(r[n], dict) else r[n][:18]
                  for n in args.variants]
         print(f"{str(r['causal']):>6} {r['head_dim']:>4} {r['sdpa_ms']:>8.3f} " + " ".join(f"{c:>18}" for c in cells))
     print(f"total {time.time() - start:.0f} s")
