@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -24,6 +23,7 @@ import transformers
 
 from pixelfly_hf.attention import AttentionSettings, choose_attention, pixelfly_attention_forward
 from pixelfly_kernels.butterfly_attention import block_density, dense_pattern
+from timing import median_ms  # benchmarks/timing.py
 
 
 class _Module(torch.nn.Module):
@@ -42,24 +42,6 @@ def _pixelfly(module):
         return pixelfly_attention_forward(module, q, k, v, None)[0].transpose(1, 2)  # back to (B, H, S, D)
 
     return run
-
-
-def _timer(device):
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median_ms(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median_ms
 
 
 def _fwd_bwd(attn, q, k, v, causal):
@@ -95,7 +77,7 @@ def main(argv=None):
         settings = AttentionSettings()
         seq_lens, head_dims, tokens, heads = args.seq_lens, args.head_dims, args.tokens, args.heads
     forced = AttentionSettings(**{**settings.to_dict(), "min_seq_len_for_sparse": 0, "max_density_for_sparse": 1.0})
-    bench = _timer(device)
+    bench = lambda fn: median_ms(fn, [()])  # noqa: E731  (one input set: q, k, v live in the closure)
     start = time.time()
     rows = []
     for causal in (True, False):

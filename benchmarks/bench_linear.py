@@ -1,11 +1,14 @@
 """Pixelfly linear layer on the GPU: forward, dX, dW against dense cuBLAS, torch BSR and a Monarch-style layer.
 
     python benchmarks/bench_linear.py [--tokens 16384] [--json PATH] [--plot PATH] [--quick]
+    TRITON_INTERPRET=1 python benchmarks/bench_linear.py --dry-run      # CPU smoke test: tiny shapes, fp32
 
 For each shape and flat butterfly layout (densities 9.4%, 18.75%, 25%, 37.5%): medians of triton's do_bench
 over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonzero FLOPs (2 * tokens * stored
 weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
-time / our time. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
+time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ,
+dZ = dY U, dU = dYᵀ Z, dV = dZᵀ X as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment), so
+its ratio to the row above is what the low-rank term costs. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
 FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y once, the stored
 weights once) at the copy bandwidth measured in the same run. Autotuning happens on the first call of each kernel and is timed separately (Triton caches
 the result on disk, so a second run skips it).
@@ -62,12 +65,29 @@ def bsr_forward_fn(dense_masked, tile_q, tile_p):
     return block, lambda x: bsr_dense_mm(bsr, x.T)
 
 
-def copy_bandwidth_gbs():
-    """Device-to-device copy rate (read + write bytes per second) on 1 GiB: the byte ceiling."""
-    src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+def copy_bandwidth_gbs(device, numel=2**29):
+    """Copy rate (read + write bytes per second) on 1 GiB: the byte ceiling."""
+    src = torch.empty(numel, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    ms = median_ms(lambda: dst.copy_(src), [()])
     return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def lowrank_kernels(w, u, v):
+    """fwd, dX and dW of sparse + low rank with the bare kernels, as the layer's op does them (kernels/ops.py)."""
+    n_slots, butterfly_size = w.shape[1], w.shape[0]
+
+    def fwd(x, g):
+        return kernels.butterfly_matmul(x, w, None, x @ v.T, u)
+
+    def dx(x, g):
+        return kernels.butterfly_matmul_t(g, w, g @ u, v)
+
+    def dw(x, g):
+        kernels.butterfly_matmul_dw(g, x, n_slots, butterfly_size)
+        return g.T @ (x @ v.T), (g @ u).T @ x  # dU (Z recomputed), dV (dZ recomputed: the op shares it with dX)
+
+    return fwd, dx, dw
 
 
 def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
@@ -77,14 +97,15 @@ def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
     return sum(max(density * t, bytes_per_product / bandwidth_gbs / 1e6) for t in dense_ms)
 
 
-def run(tokens, shapes, layouts, dtype=torch.bfloat16):
+def run(tokens, shapes, layouts, device, dtype, rank=32):
     rows, tuning = [], []
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = copy_bandwidth_gbs(device, 2**29 if device.type == "cuda" else 2**20)
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for in_f, out_f in shapes:
-        xs = [torch.randn(tokens, in_f, device="cuda", dtype=dtype) for _ in range(3)]
-        gs = [torch.randn(tokens, out_f, device="cuda", dtype=dtype) for _ in range(3)]
-        w_dense = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+        xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(3)]
+        gs = [torch.randn(tokens, out_f, device=device, dtype=dtype) for _ in range(3)]
+        w_dense = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
         dense_flops = 2 * tokens * in_f * out_f
         d_fwd = median_ms(lambda x, g: F.linear(x, w_dense), list(zip(xs, gs)))
         d_dx = median_ms(lambda x, g: g @ w_dense, list(zip(xs, gs)))
@@ -96,13 +117,13 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
         for bs, k in layouts:
             q, p = out_f // bs, in_f // bs
             density = (k + 1) / bs
-            w = torch.randn(bs, k + 1, q, p, device="cuda", dtype=dtype) / (p * (k + 1)) ** 0.5
+            w = torch.randn(bs, k + 1, q, p, device=device, dtype=dtype) / (p * (k + 1)) ** 0.5
             nz_flops = dense_flops * density
             t0 = time.perf_counter()
             kernels.butterfly_matmul(xs[0], w)
             kernels.butterfly_matmul_t(gs[0], w)
             kernels.butterfly_matmul_dw(gs[0], xs[0], k + 1, bs)
-            torch.cuda.synchronize()
+            sync()
             tuning.append({"shape": f"{in_f}->{out_f}", "layout": f"bs={bs} k={k}", "first_call_s": time.perf_counter() - t0})
             f = median_ms(lambda x, g: kernels.butterfly_matmul(x, w), list(zip(xs, gs)))
             dx = median_ms(lambda x, g: kernels.butterfly_matmul_t(g, w), list(zip(xs, gs)))
@@ -114,19 +135,28 @@ def run(tokens, shapes, layouts, dtype=torch.bfloat16):
             rows.append({**base, "impl": "pixelfly kernels", "fwd_ms": f, "dx_ms": dx, "dw_ms": dw, "total_ms": total,
                          "tflops": tf, "pct_dense": 100 * tf / dense_tflops, "speedup": d_total / total,
                          "floor_ms": floor, "pct_roofline": 100 * floor / total})
+            u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
+            v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
+            lr_times = [median_ms(product, list(zip(xs, gs))) for product in lowrank_kernels(w, u, v)]
+            lr_total = sum(lr_times)
+            lr_flops = 3 * (nz_flops + 2 * tokens * rank * (in_f + out_f))
+            rows.append({**base, "impl": f"pixelfly kernels + r={rank}", "fwd_ms": lr_times[0], "dx_ms": lr_times[1],
+                         "dw_ms": lr_times[2], "total_ms": lr_total, "tflops": lr_flops / lr_total / 1e9,
+                         "pct_dense": 100 * lr_flops / lr_total / 1e9 / dense_tflops, "speedup": d_total / lr_total,
+                         "lowrank_overhead_pct": 100 * (lr_total / total - 1)})
             # the full layer through autograd, sparse only and with the rank-32 low-rank term
-            for rank in (0, 32):
-                layer = PixelflyLinear(in_f, out_f, bias=False, butterfly_size=bs, n_factors=k, rank=rank, block_size=16,
-                                       device="cuda", dtype=dtype)
+            for layer_rank in (0, rank):
+                layer = PixelflyLinear(in_f, out_f, bias=False, butterfly_size=bs, n_factors=k, rank=layer_rank, block_size=16,
+                                       device=device, dtype=dtype)
                 xr = [x.detach().clone().requires_grad_() for x in xs]
                 lf = median_ms(lambda x, g: layer(x), list(zip(xr, gs)))
                 lt = median_ms(lambda x, g: layer(x).backward(g), list(zip(xr, gs)))
                 flops = 2 * tokens * layer.num_params_structured * 3
-                rows.append({**base, "impl": f"PixelflyLinear r={rank}", "fwd_ms": lf, "total_ms": lt,
+                rows.append({**base, "impl": f"PixelflyLinear r={layer_rank}", "fwd_ms": lf, "total_ms": lt,
                              "tflops": flops / lt / 1e9, "pct_dense": 100 * flops / lt / 1e9 / dense_tflops,
                              "speedup": d_total / lt})
             # Monarch-style two-bmm layer of about the same parameter count
-            n, w1, w2 = monarch_factors(in_f, out_f, density, "cuda", dtype)
+            n, w1, w2 = monarch_factors(in_f, out_f, density, device, dtype)
             xr = [x.detach().clone().requires_grad_() for x in xs]
             mf = median_ms(lambda x, g: monarch_forward(x, n, w1, w2), list(zip(xr, gs)))
             mt = median_ms(lambda x, g: monarch_forward(x, n, w1, w2).backward(g), list(zip(xr, gs)))
@@ -179,22 +209,37 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--quick", action="store_true", help="two shapes, two layouts")
-    args = parser.parse_args()
-    shapes, layouts = (SHAPES[2:3] + SHAPES[5:], LAYOUTS[1:3]) if args.quick else (SHAPES, LAYOUTS)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  tokens {args.tokens}", flush=True)
-    rows, tuning, bandwidth = run(args.tokens, shapes, layouts)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        if not kernels.INTERPRET:
+            parser.error("--dry-run runs the Triton kernels on CPU: set TRITON_INTERPRET=1")
+        device, dtype, tokens = torch.device("cpu"), torch.float32, 64
+        shapes, layouts = [(64, 128), (128, 64)], [(4, 1)]
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; use --dry-run on CPU")
+    else:
+        device, dtype, tokens = torch.device("cuda"), torch.bfloat16, args.tokens
+        shapes, layouts = (SHAPES[2:3] + SHAPES[5:], LAYOUTS[1:3]) if args.quick else (SHAPES, LAYOUTS)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
+    print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  tokens {tokens}", flush=True)
+    rows, tuning, bandwidth = run(tokens, shapes, layouts, device, dtype)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
     print_table(rows)
+    print("low-rank term's cost over the sparse kernels (target <= 10%):",
+          ", ".join(f"{r['shape']} {r['layout'].split(' tile')[0]}: +{r['lowrank_overhead_pct']:.0f}%"
+                    for r in rows if "lowrank_overhead_pct" in r))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                       "tokens": args.tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning}, f,
+            json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                       "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning}, f,
                       indent=1)
     if args.plot:
         plot(rows, args.plot)

@@ -11,8 +11,8 @@ from helpers_recipes import ROOT, recipe_env
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def run_script(name, *args, hf_home):
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=ROOT, env=recipe_env(hf_home),
+def run_script(name, *args, hf_home, **env):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=ROOT, env={**recipe_env(hf_home), **env},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -26,6 +26,20 @@ def test_bench_e2e_dry_run_times_dense_and_pixelfly(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
     assert 0 < rows[1]["pixelfly"]["density"] < 0.5 and rows[1]["params"] < rows[0]["params"]
     assert "| gpt2-tiny | pixelfly" in (tmp_path / "e2e.md").read_text()
+
+
+def test_bench_linear_dry_run_times_every_implementation(tmp_path):
+    run_script("bench_linear.py", "--dry-run", "--json", str(tmp_path / "lin.json"), "--plot", str(tmp_path / "lin.png"),
+               hf_home=tmp_path, TRITON_INTERPRET="1")
+    result = json.loads((tmp_path / "lin.json").read_text())
+    for shape in ("64->128", "128->64"):
+        impls = [r["impl"] for r in result["rows"] if r["shape"] == shape]
+        assert impls[:3] == ["dense cuBLAS", "pixelfly kernels", "pixelfly kernels + r=32"], impls
+        assert {"PixelflyLinear r=0", "PixelflyLinear r=32"} <= set(impls)
+        timed = [r for r in result["rows"] if r["shape"] == shape and "error" not in r]
+        assert all(r.get("total_ms", r.get("fwd_ms")) > 0 for r in timed)
+    assert all("lowrank_overhead_pct" in r for r in result["rows"] if r["impl"] == "pixelfly kernels + r=32")
+    assert result["copy_bandwidth_gbs"] > 0 and (tmp_path / "lin.png").stat().st_size > 10_000
 
 
 def test_bench_attention_dry_run_matches_masked_sdpa(tmp_path):
@@ -60,7 +74,7 @@ def test_quality_equal_time_dry_run_compares_two_timed_runs(tmp_path):
     assert (out / "loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("name", ["bench_linear", "check_gpu", "check_models_gpu", "profile_layer", "tune_attention"])
+@pytest.mark.parametrize("name", ["check_gpu", "check_models_gpu", "profile_layer", "tune_attention"])
 def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
     """Scripts with no CPU mode: at least every name they import from the package must still exist."""
     import importlib
