@@ -74,18 +74,19 @@ def copy_bandwidth_gbs(device, numel=2**29):
 
 
 def lowrank_kernels(w, u, v):
-    """fwd, dX and dW of sparse + low rank with the bare kernels, as the layer's op does them (kernels/ops.py)."""
+    """fwd, dX and dW of sparse + low rank with the bare kernels, as the layer's op does them (kernels/ops.py).
+    Each product takes (x, dY, dZ): dZ = dY U is computed once per backward, timed in dX, reused by dV."""
     n_slots, butterfly_size = w.shape[1], w.shape[0]
 
-    def fwd(x, g):
+    def fwd(x, g, dz):
         return kernels.butterfly_matmul(x, w, None, x @ v.T, u)
 
-    def dx(x, g):
+    def dx(x, g, dz):
         return kernels.butterfly_matmul_t(g, w, g @ u, v)
 
-    def dw(x, g):
+    def dw(x, g, dz):
         kernels.butterfly_matmul_dw(g, x, n_slots, butterfly_size)
-        return g.T @ (x @ v.T), (g @ u).T @ x  # dU (Z recomputed), dV (dZ recomputed: the op shares it with dX)
+        return g.T @ (x @ v.T), dz.T @ x  # dU (Z recomputed, as the op does), dV
 
     return fwd, dx, dw
 
@@ -137,7 +138,8 @@ def run(tokens, shapes, layouts, device, dtype, rank=32):
                          "floor_ms": floor, "pct_roofline": 100 * floor / total})
             u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
             v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
-            lr_times = [median_ms(product, list(zip(xs, gs))) for product in lowrank_kernels(w, u, v)]
+            lr_inputs = [(x, g, g @ u) for x, g in zip(xs, gs)]
+            lr_times = [median_ms(product, lr_inputs) for product in lowrank_kernels(w, u, v)]
             lr_total = sum(lr_times)
             lr_flops = 3 * (nz_flops + 2 * tokens * rank * (in_f + out_f))
             rows.append({**base, "impl": f"pixelfly kernels + r={rank}", "fwd_ms": lr_times[0], "dx_ms": lr_times[1],

@@ -167,7 +167,7 @@ def main(argv=None):
                                 model_class="AutoModelForSequenceClassification", results=results,
                                 sparsity=sparsity, tags=["bert", "text-classification"])
         common.print_before_after(result, "accuracy")
-        common.print_load_hint(args, "AutoModelForSequenceClassification")
+        common.print_load_hint(args, "AutoModelForSequenceClassification", "AutoTokenizer")
     common.push_to_hub(accelerator, args, "End of training")
     return result
 

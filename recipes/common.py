@@ -390,9 +390,17 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
     train_seconds, units_total = state["train_seconds"], state["units_seen"]
     window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
 
+    def seen():
+        """Training seconds and units so far, the open logging window included."""
+        return train_seconds + window_seconds, units_total + window_units * accelerator.num_processes
+
     def eval_record(metrics):
-        return {**{f"eval/{k}": v for k, v in metrics.items()}, "train/seconds": train_seconds + window_seconds,
-                f"train/{unit}": units_total + window_units * accelerator.num_processes}
+        seconds, units_seen = seen()
+        return {**{f"eval/{k}": v for k, v in metrics.items()}, "train/seconds": seconds, f"train/{unit}": units_seen}
+
+    def checkpoint_state(**position):
+        seconds, units_seen = seen()
+        return {"completed_steps": completed_steps, **position, "train_seconds": seconds, "units_seen": units_seen}
 
     result = {"initial_eval": None}
     if resume_dir is None:
@@ -422,7 +430,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
             # the global RNG, which the uninterrupted run did before the checkpoint was written.
             resume(accelerator, resume_dir, completed_steps)
             resume_dir = None
-        batch_in_epoch, stopped_mid_epoch = skip, False
+        batch_in_epoch = skip
         tick = time.perf_counter()
         for batch in itertools.chain([first], batches) if first is not None else ():
             with accelerator.accumulate(model):
@@ -446,7 +454,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 units = torch.tensor(float(window_units), dtype=torch.float64, device=accelerator.device)
                 # the time check rides on this reduction, so every process stops at the same step
-                over_time = torch.tensor(float(train_seconds + window_seconds >= time_budget), dtype=torch.float64,
+                over_time = torch.tensor(float(seen()[0] >= time_budget), dtype=torch.float64,
                                          device=accelerator.device)
                 stats = accelerator.reduce(torch.stack([window_loss / window_micro, units, over_time]), reduction="sum")
                 train_loss = stats[0].item() / accelerator.num_processes
@@ -468,22 +476,18 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 log.write(eval_record(metrics), step=completed_steps)
             if checkpoint_every not in (None, "epoch") and completed_steps % int(checkpoint_every) == 0:
                 save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
-                                {"completed_steps": completed_steps, "epoch": epoch,
-                                 "batches_in_epoch": batch_in_epoch, "train_seconds": train_seconds + window_seconds,
-                                 "units_seen": units_total + window_units * accelerator.num_processes})
+                                checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch))
             if last_step:
-                stopped_mid_epoch = True
                 break
             tick = time.perf_counter()
         if checkpoint_every == "epoch":
-            # a run stopped by steps or time records where it stopped, so a resume (say, with more time)
-            # continues inside this epoch instead of skipping its remaining batches
-            position = ({"epoch": epoch, "batches_in_epoch": batch_in_epoch} if stopped_mid_epoch
-                        else {"epoch": epoch + 1, "batches_in_epoch": 0})
-            save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}",
-                            {"completed_steps": completed_steps, **position,
-                             "train_seconds": train_seconds + window_seconds,
-                             "units_seen": units_total + window_units * accelerator.num_processes})
+            # a run stopped by steps or time (the loop broke off) records where it stopped, so a resume (say,
+            # with more time) continues inside this epoch instead of skipping its remaining batches
+            if completed_steps >= args.max_train_steps or stopped_by == "time":
+                position = checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch)
+            else:
+                position = checkpoint_state(epoch=epoch + 1, batches_in_epoch=0)
+            save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", position)
     progress.close()
 
     result["final_eval"] = evaluate_fn(model)
@@ -573,10 +577,14 @@ def print_before_after(result, metric, fmt=".4f"):
               f"after {result['completed_steps']} steps")
 
 
-def print_load_hint(args, model_class):
-    """Where the model was saved and the one call that reloads it."""
-    print(f"saved to {args.output_dir}; load it with pixelfly_hf imported and "
-          f"{model_class}.from_pretrained({args.output_dir!r})")
+def print_load_hint(args, model_class, processor_class):
+    """Where the model was saved and the lines that reload it with its tokenizer / image processor."""
+    print(f"saved to {args.output_dir}\nload it with:\n"
+          f"    import pixelfly_hf  # registers the Pixelfly model types\n"
+          f"    from transformers import {model_class}, {processor_class}\n"
+          f"    model = {model_class}.from_pretrained({args.output_dir!r})\n"
+          f"    {'tokenizer' if 'Tokenizer' in processor_class else 'processor'} = "
+          f"{processor_class}.from_pretrained({args.output_dir!r})")
 
 
 def push_to_hub(accelerator, args, commit_message):

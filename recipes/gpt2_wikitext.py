@@ -183,11 +183,7 @@ def main(argv=None):
                                 sparsity=sparsity, tags=["gpt2", "text-generation"])
         common.print_before_after(result, "perplexity", ".2f")
         print(f"throughput: {result['throughput']:,.0f} tokens/s over {result['train_seconds']:.1f} s of training")
-        print(f"saved to {args.output_dir}\nload it with:\n"
-              f"    import pixelfly_hf  # registers the Pixelfly model types\n"
-              f"    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-              f"    model = AutoModelForCausalLM.from_pretrained({args.output_dir!r})\n"
-              f"    tokenizer = AutoTokenizer.from_pretrained({args.output_dir!r})")
+        common.print_load_hint(args, "AutoModelForCausalLM", "AutoTokenizer")
     common.push_to_hub(accelerator, args, "End of training")
     return result
 

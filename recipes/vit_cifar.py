@@ -192,7 +192,7 @@ def main(argv=None):
                                 model_class="AutoModelForImageClassification", results=results,
                                 sparsity=sparsity, tags=["vit", "image-classification"])
         common.print_before_after(result, "accuracy")
-        common.print_load_hint(args, "AutoModelForImageClassification")
+        common.print_load_hint(args, "AutoModelForImageClassification", "AutoImageProcessor")
     common.push_to_hub(accelerator, args, "End of training")
     return result
 

@@ -12,6 +12,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """An empty HF_HOME per test module for the recipe subprocesses (no shared dataset cache between modules)."""
+    return tmp_path_factory.mktemp("hf_home")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -25,11 +25,6 @@ TINY = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_siz
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf_home")
-
-
-@pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
     """~12k training tokens and ~3.5k validation tokens of the shipped Shakespeare."""
     d = tmp_path_factory.mktemp("text")

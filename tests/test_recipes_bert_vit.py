@@ -21,11 +21,6 @@ FILLER = ["the", "movie", "was", "really", "quite", "film", "plot", "it", "and",
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("hf_home")
-
-
-@pytest.fixture(scope="module")
 def sentiment_csv(tmp_path_factory):
     """Keyword sentiment: a sentence is 'pos' iff it holds more positive than negative words."""
     d = tmp_path_factory.mktemp("sentiment")
