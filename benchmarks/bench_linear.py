@@ -8,7 +8,9 @@ over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonz
 weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
 time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ,
 dZ = dY U, dU = dYᵀ Z, dV = dZᵀ X as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment), so
-its ratio to the row above is what the low-rank term costs. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
+its ratio to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same
+nonzero FLOPs as cuBLAS batched GEMMs on input patches gathered before timing: the rate cuBLAS itself gets at this
+K, i.e. what "% dense" can reach on this structure. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
 FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y once, the stored
 weights once) at the copy bandwidth measured in the same run. Autotuning happens on the first call of each kernel and is timed separately (Triton caches
 the result on disk, so a second run skips it).
@@ -91,6 +93,24 @@ def lowrank_kernels(w, u, v):
     return fwd, dx, dw
 
 
+def gathered_bmm(w, xs, gs):
+    """The same products as cuBLAS batched GEMMs on patches gathered beforehand (gather not timed): same nonzero
+    FLOPs and K as our kernels, so its rate is what a cuBLAS-class kernel reaches on this structure -- the
+    ceiling for "% of dense". Returns (inputs per rotation, (fwd, dX, dW)); outputs come patch-major (B, T, .)."""
+    B, F_, q, p = w.shape
+    tokens = xs[0].shape[0]
+    rows = torch.arange(B, device=w.device)
+    partners = torch.stack([rows ^ ((1 << j) >> 1) for j in range(F_)], 1)  # (B, F): input patch of slot j
+    cols_in = (partners[:, :, None] * p + torch.arange(p, device=w.device)).reshape(B, F_ * p)
+    cols_out = (partners[:, :, None] * q + torch.arange(q, device=w.device)).reshape(B, F_ * q)
+    w_fwd = w.transpose(2, 3).reshape(B, F_ * p, q)  # [r] = weight[r, j]^T stacked over j
+    w_dx = w[partners, torch.arange(F_, device=w.device)].reshape(B, F_ * q, p)  # [c] = weight[c ^ o_j, j] over j
+    inputs = [(x[:, cols_in].transpose(0, 1).contiguous(), g[:, cols_out].transpose(0, 1).contiguous(),
+               g.view(tokens, B, q).permute(1, 2, 0).contiguous()) for x, g in zip(xs, gs)]
+    return inputs, (lambda xg, gg, gt: torch.bmm(xg, w_fwd), lambda xg, gg, gt: torch.bmm(gg, w_dx),
+                    lambda xg, gg, gt: torch.bmm(gt, xg))
+
+
 def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
     """Sum over fwd, dX, dW of max(FLOP floor at cuBLAS's per-product rate, compulsory-byte floor)."""
     nnz = density * in_f * out_f
@@ -136,6 +156,15 @@ def run(tokens, shapes, layouts, device, dtype, rank=32):
             rows.append({**base, "impl": "pixelfly kernels", "fwd_ms": f, "dx_ms": dx, "dw_ms": dw, "total_ms": total,
                          "tflops": tf, "pct_dense": 100 * tf / dense_tflops, "speedup": d_total / total,
                          "floor_ms": floor, "pct_roofline": 100 * floor / total})
+            bmm_inputs, bmm_products = gathered_bmm(w, xs, gs)
+            y_bmm = bmm_products[0](*bmm_inputs[0]).transpose(0, 1).reshape(tokens, out_f)
+            torch.testing.assert_close(y_bmm, kernels.butterfly_matmul(xs[0], w), rtol=2e-2, atol=2e-2)  # same products
+            bmm_times = [median_ms(product, bmm_inputs) for product in bmm_products]
+            del bmm_inputs
+            rows.append({**base, "impl": "cuBLAS bmm, pre-gathered (ceiling)", "fwd_ms": bmm_times[0], "dx_ms": bmm_times[1],
+                         "dw_ms": bmm_times[2], "total_ms": sum(bmm_times), "tflops": 3 * nz_flops / sum(bmm_times) / 1e9,
+                         "pct_dense": 100 * 3 * nz_flops / sum(bmm_times) / 1e9 / dense_tflops,
+                         "speedup": d_total / sum(bmm_times)})
             u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
             v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
             lr_inputs = [(x, g, g @ u) for x, g in zip(xs, gs)]
@@ -176,6 +205,12 @@ def run(tokens, shapes, layouts, device, dtype, rank=32):
             except Exception as err:  # report, don't hide: BSR refuses some block shapes
                 rows.append({**base, "impl": "torch BSR", "error": f"{type(err).__name__}: {err}"[:120]})
     return rows, tuning, bandwidth
+
+
+def chosen_configs():
+    """The autotuner's pick per kernel and key (tile sizes, warps, stages, TMA or pointer loads)."""
+    return {name: {str(key): str(config) for key, config in tuned.cache.items()}
+            for name, tuned in (("mm", kernels._butterfly_mm_tuned), ("dw", kernels._butterfly_dw_tuned))}
 
 
 def print_table(rows):
@@ -241,7 +276,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                       "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning}, f,
+                       "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
+                       "chosen_configs": chosen_configs()}, f,
                       indent=1)
     if args.plot:
         plot(rows, args.plot)

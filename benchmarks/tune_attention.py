@@ -11,7 +11,8 @@ For each (causal, head_dim) at one sequence length it times forward alone and fo
                 flash-attn-4 and nvidia-cutlass-dsl wheels, see benchmarks/NOTES.md; an error is recorded otherwise)
   g128_tma      g128 with FlexAttention's TMA loads (kernel_options USE_TMA)
   g128_autotune g128 compiled with mode="max-autotune-no-cudagraphs" (autotunes Flex's tile configs)
-and the per-visited-tile rate relative to SDPA (1.0 = FlexAttention as fast per tile as cuDNN).
+and the per-visited-tile rate relative to SDPA (1.0 = FlexAttention as fast per tile as cuDNN), plus each
+variant's relative error (output and dQ) against fp32 SDPA with the pattern as a dense boolean mask.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, flex_pixelfly_attention
+from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, dense_pattern, flex_pixelfly_attention
 from timing import median_ms
 
 VARIANTS = {
@@ -44,6 +45,22 @@ def timed(attn, inputs, grad):
     with torch.no_grad():
         fwd = median_ms(attn, inputs)
     return fwd, median_ms(fwd_bwd, inputs)
+
+
+def errors_vs_masked_sdpa(attn, inputs, grad, spec, causal):
+    """Relative Frobenius error of the output and of dQ against fp32 SDPA with the pattern as a boolean mask."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
+    attn(q, k, v).backward(grad)
+    out = attn(q, k, v).detach()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in inputs)
+    mask = dense_pattern(q.shape[2], q.shape[2], spec, causal, device=q.device)
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
+    ref.backward(grad.float())
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    return dict(out_rel_err=rel(out, ref.detach()), dq_rel_err=rel(q.grad, q32.grad))
 
 
 def main(argv=None):
@@ -88,7 +105,9 @@ def main(argv=None):
             density = block_density(s, spec, causal)
             row[name] = dict(fwd_ms=fwd, ms=total, speedup=row["sdpa_ms"] / total,
                              fwd_speedup=row["sdpa_fwd_ms"] / fwd, density=density,
-                             rate_vs_sdpa=row["sdpa_ms"] * density / total, compile_and_time_s=time.time() - t0)
+                             rate_vs_sdpa=row["sdpa_ms"] * density / total, compile_and_time_s=time.time() - t0,
+                             **errors_vs_masked_sdpa(lambda q, k, v: flex_pixelfly_attention(q, k, v, spec, causal, d ** -0.5, **opts),
+                                                     row["inputs"][0], row["grad"], spec, causal))
             print(name, json.dumps({k: v for k, v in row.items() if k not in ("inputs", "grad")}), flush=True)
     for row in rows:
         del row["inputs"], row["grad"]

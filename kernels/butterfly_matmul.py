@@ -25,13 +25,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
-    M, N_PATCH, K_PATCH, RANK,
+    M, N_PATCH, K_PATCH, RANK, B,
     stride_am, stride_om,
     stride_wr, stride_wj, stride_wn, stride_wk,
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -44,6 +45,15 @@ def _butterfly_mm_kernel(
     mask_n = offs_n < N_PATCH
     a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if USE_TMA:
+        # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
+        # weight; rows past a slot's end in the forward only feed output columns that the store masks off.
+        n0 = (pid_n % tiles_per_patch) * BLOCK_N
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, B * K_PATCH], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if PARTNER_WEIGHT:  # weight rows are K (q), columns N (p)
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * K_PATCH, N_PATCH], strides=[N_PATCH, 1], block_shape=[BLOCK_K, BLOCK_N])
+        else:  # weight rows are N (q), columns K (p)
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * N_PATCH, K_PATCH], strides=[K_PATCH, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries
     k_steps = tl.cdiv(K_PATCH, BLOCK_K)
@@ -55,7 +65,13 @@ def _butterfly_mm_kernel(
         w_row = partner if PARTNER_WEIGHT else r
         a_ptrs = a_rows + partner * K_PATCH + k0
         w_ptrs = w_cols + w_row * stride_wr + j * stride_wj + k0 * stride_wk
-        if EVEN_K:
+        if USE_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, partner * K_PATCH + k0])
+            if PARTNER_WEIGHT:
+                w = w_desc.load([(partner * F + j) * K_PATCH + k0, n0])
+            else:
+                w = w_desc.load([(r * F + j) * N_PATCH + n0, k0]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
         else:
@@ -86,10 +102,11 @@ def _butterfly_mm_kernel(
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
-    M, Q, P,
+    M, Q, P, B,
     stride_gm, stride_xm,
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
     pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
@@ -105,11 +122,19 @@ def _butterfly_dw_kernel(
     mask_p = offs_p < P
     g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
     x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
+    if USE_TMA:
+        # tiles that run past a patch edge read the neighbour patch; those rows/columns are masked at the store
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, B * Q], strides=[stride_gm, 1], block_shape=[BLOCK_K, BLOCK_M])
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, B * P], strides=[stride_xm, 1], block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
-        mask_k = offs_k + k0 < M
-        g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        if USE_TMA:
+            g = g_desc.load([k0, r * Q + (pid_t // tiles_p) * BLOCK_M]).T
+            x = x_desc.load([k0, partner * P + (pid_t % tiles_p) * BLOCK_N])
+        else:
+            mask_k = offs_k + k0 < M
+            g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
             x = x.to(tl.float32)
@@ -124,52 +149,81 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, block_k, warps, stages, tma=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma},
+                         num_warps=warps, num_stages=stages)
 
 
 # (rows, cols, k) tiles tried on the GPU; pruned to what the patch sizes can fill. For the dW kernel the
-# rows/cols are the tile's (q, p) and k runs over tokens.
-TUNING_CONFIGS = [
-    _config(128, 128, 64, 8, 3), _config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 3),
-    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4), _config(64, 32, 32, 4, 4),
-    _config(256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
+# rows/cols are the tile's (q, p) and k runs over tokens. The large tiles also come as TMA variants: the
+# autotuner decides per shape whether bulk tensor copies pay.
+_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
+    (256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
 ]
+_TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+              (256, 64, 64, 8, 3)]
+TUNING_CONFIGS = [_config(*t) for t in _TILES] + [_config(*t, tma=True) for t in _TMA_TILES]
 
 
-def _prune(configs, named_args, rows: str, cols: str, k: str):
-    """Keep configs whose tiles are no larger than the next power of 2 of what they cover."""
+def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
+    """Keep configs whose tiles are no larger than the next power of 2 of what they cover, and TMA configs only
+    where the operands are 16-byte aligned and (forward/dX) a K tile never crosses a patch edge."""
     limits = {key: max(16, triton.next_power_of_2(named_args[arg])) for key, arg in
               (("BLOCK_M", rows), ("BLOCK_N", cols), ("BLOCK_K", k))}
-    kept = [c for c in configs if all(c.kwargs[key] <= limit for key, limit in limits.items())]
-    return kept or configs[-1:]
+
+    def tma_ok(c):
+        return named_args["TMA_ALIGNED"] and (patch_k is None or named_args[patch_k] % c.kwargs["BLOCK_K"] == 0)
+
+    kept = [c for c in configs if all(c.kwargs[key] <= limit for key, limit in limits.items())
+            and (not c.kwargs["USE_TMA"] or tma_ok(c))]
+    return kept or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
 
 
 _butterfly_mm_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
-    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "M", "N_PATCH", "K_PATCH")},
+    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "TMA_ALIGNED"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
     cache_results=True,
 )(_butterfly_mm_kernel)
 
 _butterfly_dw_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
-    key=["M", "Q", "P", "F"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "Q", "P", "M")},
+    key=["M", "Q", "P", "F", "TMA_ALIGNED"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "Q", "P", "M", None)},
     cache_results=True,
 )(_butterfly_dw_kernel)
 
 
-def _launch(kernel, tuned, grid, args, kwargs, config, default):
-    """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune)."""
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # device-side descriptors live in a small global scratch buffer that Triton asks the allocator for
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
+    """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune).
+
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma]).
+    """
+    triton.set_allocator(_tma_scratch)
     if config is None and not INTERPRET:
         # plain tensors: launch directly; fake/functional tensors mean torch.compile is tracing the triton_op,
         # which needs the traceable wrapper (in eager the wrapper would route every call through a HOP)
         traced = any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in args if isinstance(t, torch.Tensor))
         (wrap_triton(tuned) if traced else tuned)[grid](*args, **kwargs)
         return
-    block_m, block_n, block_k, warps, stages = config or default
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    block_m, block_n, block_k, warps, stages, *tma = config or default
+    use_tma = bool(tma and tma[0])
+    if use_tma and not (kwargs["TMA_ALIGNED"] and (patch_k is None or patch_k % block_k == 0)):
+        raise ValueError(f"config {config} asks for TMA, but the operands are not 16-byte aligned or block_k={block_k} "
+                         f"does not divide the patch width {patch_k}; use a config without TMA")
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": use_tma}
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 
@@ -226,13 +280,13 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
         return triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"])
 
     args = (a, weight, bias if bias is not None else a, z if rank else a, lowrank if rank else a, out,
-            M, n_patch, k_patch, rank, a.stride(0), out.stride(0), sr, sj, stride_wn, stride_wk,
+            M, n_patch, k_patch, rank, B, a.stride(0), out.stride(0), sr, sj, stride_wn, stride_wk,
             z.stride(0) if rank else 0, stride_lk, stride_ln)
     kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
                   RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-                  UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype))
+                  UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype), TMA_ALIGNED=_tma_aligned(a, weight.view(-1, p)))
     default = (_tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3)
-    _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default)
+    _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default, patch_k=k_patch)
     return out
 
 
@@ -265,8 +319,8 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     def grid(meta):
         return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"])
 
-    args = (grad, x, dw, M, q, p, grad.stride(0), x.stride(0))
-    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype))
+    args = (grad, x, dw, M, q, p, B, grad.stride(0), x.stride(0))
+    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x))
     default = (_tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3)
     _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
     return dw

@@ -96,6 +96,34 @@ def test_triton_launcher_rejects_bad_inputs():
         triton_impl.butterfly_matmul(torch.randn(8, 64), w, out=torch.empty(8, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(70, 192, 384, 4, 1), (33, 256, 128, 8, 3), (45, 384, 192, 4, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_tma_loads_match_dense_masked_float64(dtype, shape):
+    """The TMA-descriptor variant (an autotuner choice on Hopper) under the interpreter: 64-wide N tiles run past
+    the 16- and 48-wide patches, so the masked store must drop what they read from the neighbour patch."""
+    torch.manual_seed(zlib.crc32(repr((dtype, shape)).encode()))
+    layout, weight, dense, x, grad = make_case(*shape, dtype)
+    config = (32, 64, 16, 4, 1, True)
+    y = triton_impl.butterfly_matmul(x, weight, out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype), config=config)
+    dx = triton_impl.butterfly_matmul_t(grad, weight, out=torch.full_like(x, float("nan")), config=config)
+    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+                                         out=torch.full_like(weight, float("nan")), config=config)
+    tol = TOLERANCE[dtype]
+    assert rel_err(y, x.double() @ dense.T) < tol
+    assert rel_err(dx, grad.double() @ dense) < tol
+    dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
+    assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < tol
+
+
+def test_tma_config_refused_where_it_cannot_work():
+    layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 wide (in), 96 (out)
+    with pytest.raises(ValueError, match="block_k=32 does not divide the patch width 48"):
+        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 32, 4, 1, True))
+    shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("rank", [8, 24, 32])
 def test_fused_low_rank_segment(impl, rank):
