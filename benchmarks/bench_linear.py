@@ -93,6 +93,40 @@ def lowrank_kernels(w, u, v):
     return fwd, dx, dw
 
 
+def lowrank_breakdown(tokens, shapes, layouts, device, dtype, rank=32):
+    """Each piece of the rank-`rank` term timed alone (what the "+ r=32" row's overhead is made of), with the
+    sparse kernels alone for scale. The skinny GEMMs each read one (tokens x features) matrix once: their floor
+    is that read at the copy bandwidth."""
+    rows = []
+    bandwidth = copy_bandwidth_gbs(device, 2**29 if device.type == "cuda" else 2**20)
+    for in_f, out_f in shapes:
+        xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(3)]
+        gs = [torch.randn(tokens, out_f, device=device, dtype=dtype) for _ in range(3)]
+        u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
+        v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
+        for bs, k in layouts:
+            w = torch.randn(bs, k + 1, out_f // bs, in_f // bs, device=device, dtype=dtype) / (in_f // bs * (k + 1)) ** 0.5
+            inputs = [(x, g, x @ v.T, g @ u) for x, g in zip(xs, gs)]
+            pieces = {
+                "sparse fwd": lambda x, g, z, dz: kernels.butterfly_matmul(x, w),
+                "sparse dX": lambda x, g, z, dz: kernels.butterfly_matmul_t(g, w),
+                "sparse dW": lambda x, g, z, dz: kernels.butterfly_matmul_dw(g, x, k + 1, bs),
+                "Z = X Vt": lambda x, g, z, dz: x @ v.T,
+                "fwd + Z Ut segment": lambda x, g, z, dz: kernels.butterfly_matmul(x, w, None, z, u),
+                "dZ = dY U": lambda x, g, z, dz: g @ u,
+                "dX + dZ V segment": lambda x, g, z, dz: kernels.butterfly_matmul_t(g, w, dz, v),
+                "dU = dYt Z": lambda x, g, z, dz: g.T @ z,
+                "dV = dZt X": lambda x, g, z, dz: dz.T @ x,
+            }
+            floor_x = tokens * in_f * xs[0].element_size() / bandwidth / 1e6  # bandwidth counts read + write bytes
+            floor_g = tokens * out_f * gs[0].element_size() / bandwidth / 1e6
+            times = {name: median_ms(fn, inputs) for name, fn in pieces.items()}
+            rows.append({"shape": f"{in_f}->{out_f}", "layout": f"bs={bs} k={k}", "rank": rank, "ms": times,
+                         "read_floor_ms": {"X": floor_x, "dY": floor_g}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def gathered_bmm(w, xs, gs):
     """The same products as cuBLAS batched GEMMs on patches gathered beforehand (gather not timed): same nonzero
     FLOPs and K as our kernels, so its rate is what a cuBLAS-class kernel reaches on this structure -- the
@@ -252,6 +286,9 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--quick", action="store_true", help="two shapes, two layouts")
+    parser.add_argument("--shapes", nargs="+", help="subset, e.g. 4096x4096 1024x4096 (in x out)")
+    parser.add_argument("--layouts", nargs="+", help="subset, e.g. 16x2 (butterfly_size x n_factors)")
+    parser.add_argument("--lowrank-breakdown", action="store_true", help="time each piece of the r=32 term instead")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -265,8 +302,19 @@ def main(argv=None):
     else:
         device, dtype, tokens = torch.device("cuda"), torch.bfloat16, args.tokens
         shapes, layouts = (SHAPES[2:3] + SHAPES[5:], LAYOUTS[1:3]) if args.quick else (SHAPES, LAYOUTS)
+        if args.shapes:
+            shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
+        if args.layouts:
+            layouts = [tuple(map(int, s.split("x"))) for s in args.layouts]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  tokens {tokens}", flush=True)
+    if args.lowrank_breakdown:
+        rows = lowrank_breakdown(tokens, shapes, layouts, device, dtype)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__, "tokens": tokens,
+                           "lowrank_breakdown": rows}, f, indent=1)
+        return
     rows, tuning, bandwidth = run(tokens, shapes, layouts, device, dtype)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
     print_table(rows)

@@ -161,6 +161,7 @@ _TILES = [
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
     (256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
+    (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),  # dW tiles of patches under 32 rows (q = 24)
 ]
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
@@ -178,20 +179,21 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
 
     kept = [c for c in configs if all(c.kwargs[key] <= limit for key, limit in limits.items())
             and (not c.kwargs["USE_TMA"] or tma_ok(c))]
-    return kept or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
+    # nothing fits (tiny patches): the smallest tile wastes the least
+    return kept or [min((c for c in configs if not c.kwargs["USE_TMA"]), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 _butterfly_mm_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
     key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "TMA_ALIGNED"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
     cache_results=True,
 )(_butterfly_mm_kernel)
 
 _butterfly_dw_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
     key=["M", "Q", "P", "F", "TMA_ALIGNED"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, named_args, "Q", "P", "M", None)},
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "Q", "P", "M", None)},
     cache_results=True,
 )(_butterfly_dw_kernel)
 
