@@ -273,8 +273,10 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     rank = 0 if z is None else z.shape[1]
     if rank:
         z = z if z.stride(1) == 1 else z.contiguous()
-        # forward: U (out x rank) read as (rank x out); dX: V (rank x in) as stored
-        stride_lk, stride_ln = (lowrank.stride(0), lowrank.stride(1)) if partner_weight else (lowrank.stride(1), lowrank.stride(0))
+        # the segment reads a (rank x columns) factor: V (rank x in) as stored for dX; U (out x rank) for the
+        # forward, transposed into a contiguous copy (tiny) so the loads along the output columns coalesce
+        lowrank = lowrank if partner_weight else lowrank.t().contiguous()
+        stride_lk, stride_ln = lowrank.stride(0), lowrank.stride(1)
     else:
         stride_lk = stride_ln = 0
 

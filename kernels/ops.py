@@ -31,14 +31,17 @@ def butterfly_mm(
     lowrank_u: Optional[torch.Tensor],
     lowrank_v: Optional[torch.Tensor],
     backend: str,
-) -> torch.Tensor:
-    """Y = X @ S^T + (X @ V^T) @ U^T + bias for x (T, in), weight tiles (B, F, q, p), U (out, r), V (r, in).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z): Y = X @ S^T + Z @ U^T + bias with Z = X @ V^T, for x (T, in), weight tiles (B, F, q, p),
+    U (out, r), V (r, in). Z (T, r; empty without low rank) is returned so the backward reuses it instead
+    of reading X again; it is differentiable like any output.
 
-    The low-rank term rides in the sparse kernel as one extra K segment: only the skinny Z = X @ V^T is a
-    separate GEMM, and Y is written once.
+    The low-rank term rides in the sparse kernel as one extra K segment: only the skinny Z is a separate
+    GEMM, and Y is written once.
     """
     z = x @ lowrank_v.T if lowrank_v is not None else None
-    return _impl(backend).butterfly_matmul(x, weight, bias, z, lowrank_u)
+    y = _impl(backend).butterfly_matmul(x, weight, bias, z, lowrank_u)
+    return y, z if z is not None else x.new_empty(0)
 
 
 @triton_op("pixelfly::butterfly_mm_t", mutates_args=())
@@ -57,17 +60,19 @@ def butterfly_mm_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lowrank_u, lowrank_v, backend = inputs
-    ctx.save_for_backward(x, weight, lowrank_u, lowrank_v)
+    ctx.save_for_backward(x, weight, lowrank_u, lowrank_v, output[1])
     ctx.has_bias = bias is not None
     ctx.backend = backend
 
 
-def _backward(ctx, grad):
-    x, weight, lowrank_u, lowrank_v = ctx.saved_tensors
+def _backward(ctx, grad, grad_z):
+    x, weight, lowrank_u, lowrank_v, z = ctx.saved_tensors
     grad = grad.contiguous()
     needs = ctx.needs_input_grad
     lowrank = lowrank_u is not None
     dz = grad @ lowrank_u if lowrank and (needs[0] or needs[4]) else None
+    if dz is not None and grad_z is not None:  # Z used outside the op too
+        dz = dz + grad_z
     dx = dw = dbias = du = dv = None
     if needs[0]:
         dx = butterfly_mm_t(grad, weight, dz, lowrank_v, ctx.backend)
@@ -76,7 +81,7 @@ def _backward(ctx, grad):
     if ctx.has_bias and needs[2]:
         dbias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
     if lowrank and needs[3]:
-        du = grad.T @ (x @ lowrank_v.T)  # Z recomputed (one skinny GEMM) rather than saved from the forward
+        du = grad.T @ z
     if lowrank and needs[4]:
         dv = dz.T @ x
     return dx, dw, dbias, du, dv, None

@@ -122,9 +122,9 @@ class PixelflyLinear(nn.Module):
         u = self.lowrank_u.to(dtype) if self.rank else None
         v = self.lowrank_v.to(dtype) if self.rank else None
         if self.gate is None:
-            y = butterfly_mm(x2, weight, bias, u, v, backend)
+            y, _ = butterfly_mm(x2, weight, bias, u, v, backend)
         else:
-            sparse = butterfly_mm(x2, weight, None, None, None, backend)
+            sparse, _ = butterfly_mm(x2, weight, None, None, None, backend)
             g = torch.sigmoid(F.linear(x2, self.gate.weight.to(dtype), self.gate.bias.to(dtype)))
             y = torch.lerp(sparse, F.linear(F.linear(x2, v), u), g) if self.rank else sparse * (1 - g)
             if bias is not None:
