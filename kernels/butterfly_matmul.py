@@ -199,8 +199,15 @@ _butterfly_dw_tuned = triton.autotune(
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned base addresses and row strides."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+    """TMA descriptors need 16-byte aligned base addresses and row strides. While torch.compile traces (fake
+    tensors: no address yet) the storage offset decides: allocations are aligned, and Inductor copies graph
+    inputs that are not."""
+    def base_aligned(t):
+        if type(t) in (torch.Tensor, torch.nn.Parameter):
+            return t.data_ptr() % 16 == 0
+        return t.storage_offset() * t.element_size() % 16 == 0
+
+    return all(base_aligned(t) and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _tma_scratch(size: int, alignment: int, stream):
