@@ -303,10 +303,10 @@ def main(argv=None):
     else:
         device, dtype, tokens = torch.device("cuda"), torch.bfloat16, args.tokens
         shapes, layouts = (SHAPES[2:3] + SHAPES[5:], LAYOUTS[1:3]) if args.quick else (SHAPES, LAYOUTS)
-        if args.shapes:
-            shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
-        if args.layouts:
-            layouts = [tuple(map(int, s.split("x"))) for s in args.layouts]
+    if args.shapes:
+        shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
+    if args.layouts:
+        layouts = [tuple(map(int, s.split("x"))) for s in args.layouts]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  tokens {tokens}", flush=True)
     if args.lowrank_breakdown:

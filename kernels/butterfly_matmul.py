@@ -11,6 +11,7 @@ densified weight.
 Every program's output tile stays inside one output patch, so a program's K loop walks F contiguous
 slabs of the input. Accumulation is fp32; inputs are fp32, fp16 or bf16.
 """
+import functools
 import os
 
 import torch
@@ -21,39 +22,29 @@ from torch.library import wrap_triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _butterfly_mm_kernel(
+def _mm_tile(
+    pid_m, pid_n, a_desc, w_desc,
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
-    M, N_PATCH, K_PATCH, RANK, B,
+    M, N_PATCH, K_PATCH, RANK,
     stride_am, stride_om,
     stride_wr, stride_wj, stride_wn, stride_wk,
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    TMA_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One (BLOCK_M x BLOCK_N) output tile: pid_m picks the rows, pid_n the patch and the columns inside it."""
     tiles_per_patch = tl.cdiv(N_PATCH, BLOCK_N)
     r = pid_n // tiles_per_patch  # output patch
+    n0 = (pid_n % tiles_per_patch) * BLOCK_N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid_n % tiles_per_patch) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_PATCH
     a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    if USE_TMA:
-        # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
-        # weight; rows past a slot's end in the forward only feed output columns that the store masks off.
-        n0 = (pid_n % tiles_per_patch) * BLOCK_N
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, B * K_PATCH], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if PARTNER_WEIGHT:  # weight rows are K (q), columns N (p)
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * K_PATCH, N_PATCH], strides=[N_PATCH, 1], block_shape=[BLOCK_K, BLOCK_N])
-        else:  # weight rows are N (q), columns K (p)
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * N_PATCH, K_PATCH], strides=[K_PATCH, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries
     k_steps = tl.cdiv(K_PATCH, BLOCK_K)
@@ -97,6 +88,47 @@ def _butterfly_mm_kernel(
         acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _butterfly_mm_kernel(
+    a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
+    M, N_PATCH, K_PATCH, RANK, B, NUM_PROGRAMS,
+    stride_am, stride_om,
+    stride_wr, stride_wj, stride_wn, stride_wk,
+    stride_zm, stride_lk, stride_ln,
+    F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    if USE_TMA:
+        # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
+        # weight; rows past a slot's end in the forward only feed output columns that the store masks off.
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, B * K_PATCH], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if PARTNER_WEIGHT:  # weight rows are K (q), columns N (p)
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * K_PATCH, N_PATCH], strides=[N_PATCH, 1], block_shape=[BLOCK_K, BLOCK_N])
+        else:  # weight rows are N (q), columns K (p)
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * N_PATCH, K_PATCH], strides=[K_PATCH, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        a_desc, w_desc = a_ptr, w_ptr  # unused
+    if PERSISTENT:
+        # one program per SM walks the tiles (rows fastest, as the 2-D grid orders them); flattening the tile and
+        # K loops lets the pipeline fetch the next tile's operands while this tile's epilogue runs
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        n_tiles = tiles_m * B * tl.cdiv(N_PATCH, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=True):
+            _mm_tile(tile % tiles_m, tile // tiles_m, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
+                     M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
+                     stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
+                     EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+    else:
+        _mm_tile(tl.program_id(0), tl.program_id(1), a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
+                 M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
+                 stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
+                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
 
 
 @triton.jit
@@ -149,23 +181,28 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages, tma=False):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma},
-                         num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None):
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma}
+    if persistent is not None:  # the forward/dX kernel's schedule switch (the dW kernel has none)
+        meta["PERSISTENT"] = persistent
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 # (rows, cols, k) tiles tried on the GPU; pruned to what the patch sizes can fill. For the dW kernel the
-# rows/cols are the tile's (q, p) and k runs over tokens. The large tiles also come as TMA variants: the
-# autotuner decides per shape whether bulk tensor copies pay.
+# rows/cols are the tile's (q, p) and k runs over tokens. The large tiles also come as TMA variants, and for the
+# forward/dX kernel the largest TMA tiles also as persistent variants: the autotuner decides per shape what pays.
 _TILES = [
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
     (256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
-    (32, 64, 64, 4, 4), (32, 128, 64, 4, 4),  # dW tiles of patches under 32 rows (q = 24)
 ]
+_DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches under 32 rows (q = 24); too short for wgmma
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
-TUNING_CONFIGS = [_config(*t) for t in _TILES] + [_config(*t, tma=True) for t in _TMA_TILES]
+_PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3)]
+DW_CONFIGS = [_config(*t) for t in _TILES + _DW_SMALL_TILES] + [_config(*t, tma=True) for t in _TMA_TILES]
+MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES] + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES]
+              + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES])
 
 
 def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
@@ -184,14 +221,14 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
 
 
 _butterfly_mm_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
+    configs=MM_CONFIGS,
     key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "TMA_ALIGNED"],
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
     cache_results=True,
 )(_butterfly_mm_kernel)
 
 _butterfly_dw_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
+    configs=DW_CONFIGS,
     key=["M", "Q", "P", "F", "TMA_ALIGNED"],
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "Q", "P", "M", None)},
     cache_results=True,
@@ -218,7 +255,8 @@ def _tma_scratch(size: int, alignment: int, stream):
 def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma]).
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent]]); persistent only for
+    the forward/dX kernel.
     """
     triton.set_allocator(_tma_scratch)
     if config is None and not INTERPRET:
@@ -227,13 +265,21 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
         traced = any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in args if isinstance(t, torch.Tensor))
         (wrap_triton(tuned) if traced else tuned)[grid](*args, **kwargs)
         return
-    block_m, block_n, block_k, warps, stages, *tma = config or default
-    use_tma = bool(tma and tma[0])
+    block_m, block_n, block_k, warps, stages, *flags = config or default
+    use_tma = len(flags) > 0 and bool(flags[0])
     if use_tma and not (kwargs["TMA_ALIGNED"] and (patch_k is None or patch_k % block_k == 0)):
         raise ValueError(f"config {config} asks for TMA, but the operands are not 16-byte aligned or block_k={block_k} "
                          f"does not divide the patch width {patch_k}; use a config without TMA")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": use_tma}
+    if "NUM_PROGRAMS" in kernel.arg_names:
+        meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    # persistent programs: one per SM; the interpreter gets a few, so tests walk several tiles per program
+    return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -287,11 +333,14 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     else:
         stride_lk = stride_ln = 0
 
+    num_sms = _num_sms(a.device)
+
     def grid(meta):
-        return triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"])
+        tiles = (triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"]))
+        return (min(num_sms, tiles[0] * tiles[1]), 1) if meta["PERSISTENT"] else tiles
 
     args = (a, weight, bias if bias is not None else a, z if rank else a, lowrank if rank else a, out,
-            M, n_patch, k_patch, rank, B, a.stride(0), out.stride(0), sr, sj, stride_wn, stride_wk,
+            M, n_patch, k_patch, rank, B, num_sms, a.stride(0), out.stride(0), sr, sj, stride_wn, stride_wk,
             z.stride(0) if rank else 0, stride_lk, stride_ln)
     kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
                   RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0,

@@ -34,12 +34,22 @@ def test_bench_linear_dry_run_times_every_implementation(tmp_path):
     result = json.loads((tmp_path / "lin.json").read_text())
     for shape in ("64->128", "128->64"):
         impls = [r["impl"] for r in result["rows"] if r["shape"] == shape]
-        assert impls[:3] == ["dense cuBLAS", "pixelfly kernels", "pixelfly kernels + r=32"], impls
+        assert impls[:4] == ["dense cuBLAS", "pixelfly kernels", "cuBLAS bmm, pre-gathered (ceiling)",
+                             "pixelfly kernels + r=32"], impls
         assert {"PixelflyLinear r=0", "PixelflyLinear r=32"} <= set(impls)
         timed = [r for r in result["rows"] if r["shape"] == shape and "error" not in r]
         assert all(r.get("total_ms", r.get("fwd_ms")) > 0 for r in timed)
     assert all("lowrank_overhead_pct" in r for r in result["rows"] if r["impl"] == "pixelfly kernels + r=32")
     assert result["copy_bandwidth_gbs"] > 0 and (tmp_path / "lin.png").stat().st_size > 10_000
+
+
+def test_bench_linear_lowrank_breakdown_dry_run(tmp_path):
+    run_script("bench_linear.py", "--dry-run", "--lowrank-breakdown", "--shapes", "64x128", "--json", str(tmp_path / "lr.json"),
+               hf_home=tmp_path, TRITON_INTERPRET="1")
+    (row,) = json.loads((tmp_path / "lr.json").read_text())["lowrank_breakdown"]
+    assert row["shape"] == "64->128" and row["rank"] == 32
+    assert set(row["ms"]) >= {"sparse fwd", "Z = X Vt", "fwd + Z Ut segment", "dZ = dY U", "dU = dYt Z", "dV = dZt X"}
+    assert all(t > 0 for t in row["ms"].values()) and row["read_floor_ms"]["X"] > 0
 
 
 def test_bench_attention_dry_run_matches_masked_sdpa(tmp_path):
