@@ -11,6 +11,8 @@ For each (causal, head_dim) at one sequence length it times forward alone and fo
                 flash-attn-4 and nvidia-cutlass-dsl wheels, see benchmarks/NOTES.md; an error is recorded otherwise)
   g128_tma      g128 with FlexAttention's TMA loads (kernel_options USE_TMA)
   g128_autotune g128 compiled with mode="max-autotune-no-cudagraphs" (autotunes Flex's tile configs)
+  g128_tilemask g128 with the partial tiles' mask_mod reduced to causality + tail (get_block_mask's
+                partial_tile_mask): what the pattern's per-score XOR arithmetic costs
 and the per-visited-tile rate relative to SDPA (1.0 = FlexAttention as fast per tile as cuDNN), plus each
 variant's relative error (output and dQ) against fp32 SDPA with the pattern as a dense boolean mask.
 """
@@ -33,6 +35,7 @@ VARIANTS = {
     "g128_flash": dict(n_global=128, kernel_options={"BACKEND": "FLASH"}),
     "g128_tma": dict(n_global=128, kernel_options={"USE_TMA": True}),
     "g128_autotune": dict(n_global=128, compile_mode="max-autotune-no-cudagraphs"),
+    "g128_tilemask": dict(n_global=128, partial_tile_mask=True),
 }
 
 

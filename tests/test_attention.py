@@ -63,12 +63,13 @@ def test_reference_matches_float64_definition(causal, period):
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_global", [4, 16], ids=["partial-global-block", "whole-global-block"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_path_matches_reference_on_cpu(causal):
+def test_flex_path_matches_reference_on_cpu(causal, n_global):
     """The FlexAttention code path (BlockMask + mask_mod + score_mod, eager on CPU, forward only)."""
     q, k, v = qkv(s=72)
-    spec = PatternSpec(16, None, 2, 4)
-    keep = allowed_by_definition(72, 16, 2, 4, causal)
+    spec = PatternSpec(16, None, 2, n_global)
+    keep = allowed_by_definition(72, 16, 2, n_global, causal)
     scale = 0.25
     out = flex_pixelfly_attention(q, k, v, spec, causal, scale)
     torch.testing.assert_close(out.double(), softmax_float64(q, k, v, keep, scale), atol=2e-5, rtol=1e-5)
@@ -84,6 +85,31 @@ def test_flex_path_matches_reference_on_cpu(causal):
     odd_mask = torch.rand(2, 1, 72, 72, generator=torch.Generator().manual_seed(1)) > 0.3
     out = flex_pixelfly_attention(q, k, v, spec, causal, scale, odd_mask)
     torch.testing.assert_close(out.double(), softmax_float64(q, k, v, keep & odd_mask, scale), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len", [128, 120], ids=["whole-blocks", "padded-tail"])
+@pytest.mark.parametrize("n_global,period", [(0, None), (16, None), (16, 4), (8, None)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("partial_tile_mask", [False, True])
+def test_block_mask_elements_equal_the_pattern(causal, n_global, period, seq_len, partial_tile_mask):
+    """What FlexAttention's compiled kernels compute from the BlockMask -- full tiles whole, partial tiles through
+    mask_mod, empty tiles skipped -- is the pattern, element by element, for every real query row; the cheap
+    partial-tile mask_mod is used when asked for and only where it suffices (global tokens in whole blocks)."""
+    spec = PatternSpec(16, period, 2, n_global)
+    bm = get_block_mask(seq_len, spec, causal, torch.device("cpu"), partial_tile_mask)
+    padded = 128
+    q_idx, kv_idx = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
+    qb, kb = q_idx // 16, kv_idx // 16
+    full = torch.zeros(8, 8, dtype=torch.bool)
+    partial = torch.zeros(8, 8, dtype=torch.bool)
+    for row in range(8):
+        full[row, bm.full_kv_indices[0, 0, row, :bm.full_kv_num_blocks[0, 0, row]]] = True
+        partial[row, bm.kv_indices[0, 0, row, :bm.kv_num_blocks[0, 0, row]]] = True
+    computed = full[qb, kb] | (partial[qb, kb] & bm.mask_mod(0, 0, q_idx, kv_idx))
+    expected = allowed_by_definition(padded, 16, 2, n_global, causal, period) & (kv_idx < seq_len)
+    assert torch.equal(computed[:seq_len], expected[:seq_len])
+    cheap = "_partial_tile_mask_mod" in bm.mask_mod.__qualname__
+    assert cheap == (partial_tile_mask and n_global % 16 == 0)
 
 
 def test_block_mask_skips_blocks():
