@@ -71,6 +71,16 @@ def dense_pattern(q_len: int, kv_len: int, spec: PatternSpec, causal: bool, devi
 def block_density(seq_len: int, spec: PatternSpec, causal: bool) -> float:
     """Fraction of the (block_size x block_size) tiles a kernel must visit, relative to what dense
     attention visits (all tiles; the lower triangle incl. diagonal when causal)."""
+    return _block_density(seq_len, *spec, causal)
+
+
+# Asked on every attention call (the dense/sparse choice): cached, and a constant to torch.compile (plain
+# arguments: it cannot pass a NamedTuple through), so tracing neither records its ops nor breaks at .item().
+@lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result
+def _block_density(seq_len: int, block_size: int, butterfly_size: int | None, n_factors: int, n_global: int,
+                   causal: bool) -> float:
+    spec = PatternSpec(block_size, butterfly_size, n_factors, n_global)
     nb = -(-seq_len // spec.block_size)
     # Tiles are touched iff any element in them is allowed; evaluating at tile granularity is exact
     # except for the global tokens and causal diagonal, which both touch the tile whenever their

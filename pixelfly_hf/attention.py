@@ -103,10 +103,9 @@ class AttentionSettings:
     @classmethod
     def from_dict(cls, options: dict | None) -> "AttentionSettings":
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - _SETTING_NAMES)
         if unknown:
-            raise ValueError(f"unknown pixelfly_attention option(s) {unknown}; known options: {sorted(known)}")
+            raise ValueError(f"unknown pixelfly_attention option(s) {unknown}; known options: {sorted(_SETTING_NAMES)}")
         return cls(**options)
 
     def to_dict(self) -> dict:
@@ -115,6 +114,10 @@ class AttentionSettings:
     def pattern(self) -> PatternSpec:
         n_global = self.low_rank if self.low_rank_kind == "global_tokens" else 0
         return PatternSpec(self.block_size, self.butterfly_size, self.n_factors, n_global)
+
+
+# read once here: dataclasses.fields() inside a torch.compile'd attention call would break the graph
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(AttentionSettings))
 
 
 @lru_cache(maxsize=32)
@@ -135,26 +138,30 @@ def settings_of(module: torch.nn.Module) -> AttentionSettings:
     return _settings_from_items(tuple(sorted((options or {}).items())))
 
 
-_logged_choices: set = set()
-
-
 def choose_attention(seq_len: int, settings: AttentionSettings | None = None, causal: bool = True) -> str:
     """"pixelfly" or "sdpa" for a sequence of ``seq_len`` tokens: dense SDPA where sparse cannot win
     (too short, or tile density above ``max_density_for_sparse``). Depends only on the length and
     the settings, never on the device, so CPU and GPU compute the same function. Logs its choice
     once per (seq_len, settings, causal)."""
     settings = settings or AttentionSettings()
-    density = block_density(seq_len, settings.pattern(), causal)
-    if seq_len < settings.min_seq_len_for_sparse:
-        choice, why = "sdpa", f"shorter than min_seq_len_for_sparse={settings.min_seq_len_for_sparse}"
-    elif density > settings.max_density_for_sparse:
-        choice, why = "sdpa", f"tile density {density:.2f} > max_density_for_sparse={settings.max_density_for_sparse}"
+    return _choose_attention(seq_len, *settings.pattern(), settings.min_seq_len_for_sparse,
+                             settings.max_density_for_sparse, causal)
+
+
+# Cached (it runs on every attention call) and a constant to torch.compile, which calls it once while tracing:
+# neither its pattern arithmetic nor its log line end up in (or break) the graph.
+@lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result
+def _choose_attention(seq_len: int, block_size: int, butterfly_size: int | None, n_factors: int, n_global: int,
+                      min_seq_len_for_sparse: int, max_density_for_sparse: float, causal: bool) -> str:
+    density = block_density(seq_len, PatternSpec(block_size, butterfly_size, n_factors, n_global), causal)
+    if seq_len < min_seq_len_for_sparse:
+        choice, why = "sdpa", f"shorter than min_seq_len_for_sparse={min_seq_len_for_sparse}"
+    elif density > max_density_for_sparse:
+        choice, why = "sdpa", f"tile density {density:.2f} > max_density_for_sparse={max_density_for_sparse}"
     else:
         choice, why = "pixelfly", f"tile density {density:.2f}"
-    key = (seq_len, settings, causal)
-    if key not in _logged_choices:
-        _logged_choices.add(key)
-        logger.info("pixelfly attention: seq_len=%d causal=%s -> %s (%s)", seq_len, causal, choice, why)
+    logger.info("pixelfly attention: seq_len=%d causal=%s -> %s (%s)", seq_len, causal, choice, why)
     return choice
 
 

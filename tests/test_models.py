@@ -347,6 +347,21 @@ def test_compiled_patched_block_has_no_graph_break_and_matches_eager():
     torch.testing.assert_close(grad_compiled, grad_eager)
 
 
+def test_compiled_model_with_pixelfly_attention_has_no_graph_break():
+    """The dense/sparse choice (tile density, settings parsing, its log line) runs on every attention call; under
+    torch.compile it must be a constant, not graph ops or a break per layer (it was 3 breaks per layer)."""
+    torch.manual_seed(0)
+    options = {"block_size": 16, "n_factors": 2, "low_rank": 16, "min_seq_len_for_sparse": 32}
+    model = get_model(GPT2Model(gpt2_config(n_positions=256)), PixelflyConfig(**SMALL, attention="pixelfly",
+                                                                              attention_config=options))
+    inputs = torch.randint(1, VOCAB, (2, 64))
+    explanation = torch._dynamo.explain(model)(input_ids=inputs)
+    assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=inputs).last_hidden_state, model(input_ids=inputs).last_hidden_state)
+
+
 def test_pixelfly_attention_is_switched_on_saved_and_restored_on_load(tmp_path):
     torch.manual_seed(0)
     config = gpt2_config(n_positions=256)
