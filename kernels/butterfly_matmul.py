@@ -8,8 +8,11 @@ densified weight.
   dX       dX[:, c]  = sum_j dY[:, c ^ o_j] @ weight[c ^ o_j, j]      (same kernel, K = q; symmetric pattern)
   dW       dW[r, j]  = dY[:, r]^T @ X[:, r ^ o_j]                      (K = tokens)
 
-Every program's output tile stays inside one output patch, so a program's K loop walks F contiguous
-slabs of the input. Accumulation is fp32; inputs are fp32, fp16 or bf16.
+Every output tile stays inside one output patch, so its K loop walks F contiguous slabs of the input.
+Accumulation is fp32; inputs are fp32, fp16 or bf16. The autotuner chooses per shape between pointer loads and
+TMA descriptor loads (Hopper's bulk tensor copies; only where the operands are 16-byte aligned), and for the
+forward/dX kernel between one tile per program and a persistent program per SM. Every config compiles for sm_90
+in CI without a GPU (tests/compile_sm90.py).
 """
 import functools
 import os
@@ -100,7 +103,7 @@ def _butterfly_mm_kernel(
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    TMA_ALIGNED: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -137,7 +140,7 @@ def _butterfly_dw_kernel(
     M, Q, P, B,
     stride_gm, stride_xm,
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA_ALIGNED: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,  # autotuner key (see the forward kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
