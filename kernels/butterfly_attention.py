@@ -155,9 +155,11 @@ def get_block_mask(seq_len: int, spec: PatternSpec, causal: bool, device: torch.
         # compiled construction avoids materialising the padded**2 mask on GPU; eager on CPU (tests)
         _compile=device.type == "cuda",
     )
-    cheap_mod = _partial_tile_mask_mod(causal, seq_len)
-    if not partial_tile_mask or not _agrees_on_partial_tiles(exact, cheap_mod, exact_mod, seq_len):
+    if not partial_tile_mask:
         return exact
+    cheap_mod = _partial_tile_mask_mod(causal, seq_len)
+    if not _agrees_on_partial_tiles(exact, cheap_mod, exact_mod, seq_len):
+        return exact  # e.g. global tokens covering part of a block
     return BlockMask.from_kv_blocks(exact.kv_num_blocks, exact.kv_indices, exact.full_kv_num_blocks,
                                     exact.full_kv_indices, BLOCK_SIZE=exact.BLOCK_SIZE, mask_mod=cheap_mod,
                                     seq_lengths=exact.seq_lengths)

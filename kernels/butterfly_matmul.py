@@ -261,6 +261,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent]]); persistent only for
     the forward/dX kernel.
     """
+    # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
     if config is None and not INTERPRET:
         # plain tensors: launch directly; fake/functional tensors mean torch.compile is tracing the triton_op,
