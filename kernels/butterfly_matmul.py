@@ -36,6 +36,7 @@ def _mm_tile(
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    out_desc, STORE_BY_DESC: tl.constexpr,
 ):
     """One (BLOCK_M x BLOCK_N) output tile: pid_m picks the rows, pid_n the patch and the columns inside it."""
     tiles_per_patch = tl.cdiv(N_PATCH, BLOCK_N)
@@ -89,11 +90,20 @@ def _mm_tile(
         acc = tl.dot(z, lr, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if STORE_BY_DESC:
+        # bulk tensor stores in two column halves (half the staging buffer in shared memory); the descriptor clips
+        # rows past M, and the tile lies inside its patch (EVEN_N)
+        halves = tl.permute(tl.reshape(acc.to(out_ptr.dtype.element_ty), (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        out_desc.store([pid_m * BLOCK_M, r * N_PATCH + n0], left)
+        out_desc.store([pid_m * BLOCK_M, r * N_PATCH + n0 + BLOCK_N // 2], right)
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
+                     "EVEN_N": lambda args: args["N_PATCH"] % args["BLOCK_N"] == 0})
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
@@ -102,10 +112,10 @@ def _butterfly_mm_kernel(
     stride_wr, stride_wj, stride_wn, stride_wk,
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     if USE_TMA:
         # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
@@ -117,6 +127,14 @@ def _butterfly_mm_kernel(
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * N_PATCH, K_PATCH], strides=[K_PATCH, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
         a_desc, w_desc = a_ptr, w_ptr  # unused
+    # TMA_STORE: the epilogue stores through a descriptor (asynchronous: in a persistent program the next tile's
+    # loads overlap it) wherever a column tile stays inside its patch
+    STORE_BY_DESC: tl.constexpr = TMA_STORE and EVEN_N
+    if STORE_BY_DESC:
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, B * N_PATCH], strides=[stride_om, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N // 2])
+    else:
+        out_desc = out_ptr  # unused
     if PERSISTENT:
         # one program per SM walks the tiles (rows fastest, as the 2-D grid orders them); flattening the tile and
         # K loops lets the pipeline fetch the next tile's operands while this tile's epilogue runs
@@ -126,12 +144,12 @@ def _butterfly_mm_kernel(
             _mm_tile(tile % tiles_m, tile // tiles_m, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                      M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                      stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                     EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                     EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
     else:
         _mm_tile(tl.program_id(0), tl.program_id(1), a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                  M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                  stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
 
 
 @triton.jit
@@ -184,10 +202,11 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None):
+def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None, tma_store=False):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma}
-    if persistent is not None:  # the forward/dX kernel's schedule switch (the dW kernel has none)
+    if persistent is not None:  # the forward/dX kernel's schedule and store switches (the dW kernel has neither)
         meta["PERSISTENT"] = persistent
+        meta["TMA_STORE"] = tma_store
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
@@ -199,26 +218,41 @@ _TILES = [
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
     (256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
 ]
-_DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches under 32 rows (q = 24); too short for wgmma
+_DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches of <= 32 rows (q = 24); too short for wgmma
+# 32-wide N or K for patches that narrow (1024 -> 4096 at butterfly size 32: 32-wide input patches); the pruning
+# offers them only there, so wider patches keep their tuning time
+_NARROW_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 4), (128, 128, 32, 8, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
-_PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3)]
-DW_CONFIGS = [_config(*t) for t in _TILES + _DW_SMALL_TILES] + [_config(*t, tma=True) for t in _TMA_TILES]
-MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES] + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES]
-              + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES])
+_PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
+                     (128, 128, 32, 8, 4), (256, 32, 64, 8, 4)]
+# persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
+_PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+DW_CONFIGS = ([_config(*t) for t in _TILES + _DW_SMALL_TILES + _NARROW_TILES]
+              + [_config(*t, tma=True) for t in _TMA_TILES + _NARROW_TILES])
+MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
+              + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES + _NARROW_TILES]
+              + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES]
+              + [_config(*t, tma=True, persistent=True, tma_store=True) for t in _PERSISTENT_STORE_TILES])
 
 
 def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
-    """Keep configs whose tiles are no larger than the next power of 2 of what they cover, and TMA configs only
-    where the operands are 16-byte aligned and (forward/dX) a K tile never crosses a patch edge."""
+    """Keep configs whose tiles are no larger than the next power of 2 of what they cover and no narrower than 64
+    where that is at least 64 wide, and TMA configs only where the operands are 16-byte aligned and (forward/dX) a
+    K tile never crosses a patch edge; descriptor stores only where column tiles stay inside a patch."""
     limits = {key: max(16, triton.next_power_of_2(named_args[arg])) for key, arg in
               (("BLOCK_M", rows), ("BLOCK_N", cols), ("BLOCK_K", k))}
+
+    def fits(c):
+        return all(c.kwargs[key] <= limit and (c.kwargs[key] >= 64 or limit <= 32) for key, limit in limits.items())
 
     def tma_ok(c):
         return named_args["TMA_ALIGNED"] and (patch_k is None or named_args[patch_k] % c.kwargs["BLOCK_K"] == 0)
 
-    kept = [c for c in configs if all(c.kwargs[key] <= limit for key, limit in limits.items())
-            and (not c.kwargs["USE_TMA"] or tma_ok(c))]
+    def store_ok(c):
+        return not c.kwargs.get("TMA_STORE") or named_args[cols] % c.kwargs["BLOCK_N"] == 0
+
+    kept = [c for c in configs if fits(c) and (not c.kwargs["USE_TMA"] or tma_ok(c)) and store_ok(c)]
     # nothing fits (tiny patches): the smallest tile wastes the least
     return kept or [min((c for c in configs if not c.kwargs["USE_TMA"]), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
@@ -258,8 +292,8 @@ def _tma_scratch(size: int, alignment: int, stream):
 def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent]]); persistent only for
-    the forward/dX kernel.
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store]]]); the last
+    two only for the forward/dX kernel, tma_store only with use_tma.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
@@ -277,6 +311,9 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": use_tma}
     if "NUM_PROGRAMS" in kernel.arg_names:
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
+        meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
+        if meta["TMA_STORE"] and not use_tma:
+            raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 
@@ -348,7 +385,7 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
             z.stride(0) if rank else 0, stride_lk, stride_ln)
     kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
                   RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-                  UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype), TMA_ALIGNED=_tma_aligned(a, weight.view(-1, p)))
+                  UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype), TMA_ALIGNED=_tma_aligned(a, weight.view(-1, p), out))
     default = (_tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3)
     _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default, patch_k=k_patch)
     return out

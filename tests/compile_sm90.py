@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 from pixelfly_kernels import butterfly_matmul as kernels
 
 SM90 = GPUTarget("cuda", 90, 32)
-MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, TMA_ALIGNED=True, stride_ln=1)
+MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1)
 
 
 def compile_sm90(jit_fn, config, constants, not_divisible=()):
@@ -45,7 +45,8 @@ def main():
             compiled = compile_sm90(jit_fn, config, constants, not_divisible)
             ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
             row.update(ok=True, shared_bytes=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
-                       bulk_tensor_copies="cp.async.bulk.tensor" in ptx, pipelined="async_copy_global_to_local" in ttgir)
+                       bulk_tensor_copies="cp.async.bulk.tensor" in ptx, pipelined="async_copy_global_to_local" in ttgir,
+                       bulk_tensor_stores="cp.async.bulk.tensor.2d.global" in ptx)
         except Exception:
             row.update(ok=False, error=traceback.format_exc(limit=3)[-1500:])
         print(json.dumps(row), flush=True)

@@ -97,29 +97,52 @@ def test_triton_launcher_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(70, 192, 384, 4, 1), (33, 256, 128, 8, 3), (45, 384, 192, 4, 2)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("tma,persistent", [(True, False), (True, True), (False, True)], ids=["tma", "tma-persistent", "persistent"])
-def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, tma, persistent):
+@pytest.mark.parametrize("shape", [(70, 192, 384, 4, 1), (33, 256, 128, 8, 3), (45, 384, 192, 4, 2), (40, 256, 512, 4, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("flags", [(True, False), (True, True), (False, True), (True, True, True)],
+                         ids=["tma", "tma-persistent", "persistent", "tma-persistent-store"])
+def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, flags):
     """The TMA-descriptor and persistent variants (autotuner choices on Hopper) under the interpreter: 64-wide N tiles
     run past the 16- and 48-wide patches, so the masked store must drop what they read from the neighbour patch; the
-    persistent schedule runs 3 programs here, each walking several tiles (with the low-rank segment and bias too)."""
-    torch.manual_seed(zlib.crc32(repr((dtype, shape, tma, persistent)).encode()))
+    persistent schedule runs 3 programs here, each walking several tiles (with the low-rank segment and bias too).
+    Descriptor stores apply where a 64-wide tile fits its patch (64- and 128-wide patches, last shape); they must
+    clip the 8 rows past the end of the last 32-row tile, and elsewhere fall back to the masked store."""
+    torch.manual_seed(zlib.crc32(repr((dtype, shape, flags)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     rank = 8
     u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
     bias = torch.randn(layout.out_features).to(dtype)
-    config = (32, 64, 16, 4, 1, tma, persistent)
+    config = (32, 64, 16, 4, 1, *flags)
     y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
                                      out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
     dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
     dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
-                                         out=torch.full_like(weight, float("nan")), config=config[:6])
+                                         out=torch.full_like(weight, float("nan")), config=config[:6])  # dW: TMA or not
     tol = TOLERANCE[dtype] * 2  # Z and dZ are rounded to the input dtype before the segment
     full = dense + u.double() @ v.double()
     assert rel_err(y, x.double() @ full.T + bias.double()) < tol
     assert rel_err(dx, grad.double() @ full) < tol
     dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
     assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < tol
+
+
+def test_autotuner_offers_32_wide_tiles_only_to_patches_that_narrow():
+    """Before 32-wide tiles existed, a 32-wide patch (1024 -> 4096 at butterfly size 32) got one 64x32x32 config;
+    wider patches must not pay tuning time for 32-wide tiles."""
+    def offered(n_patch, k_patch, tma_aligned=True):
+        args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=tma_aligned)
+        kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["USE_TMA"]) for c in kept}
+
+    wide = offered(256, 64)
+    assert min(min(n, k) for _, n, k, _ in wide) == 64 and (128, 256, 64, True) in wide
+    narrow_k = offered(128, 32)  # its forward: 32-wide K
+    assert {k for _, _, k, _ in narrow_k} == {32} and (128, 128, 32, True) in narrow_k
+    narrow_n = offered(32, 128)  # its dX: 32-wide N
+    assert {n for _, n, _, _ in narrow_n} == {32} and (256, 32, 64, True) in narrow_n
+    assert not any(tma for *_, tma in offered(24, 96, tma_aligned=False))
+    dw = triton_impl._prune(triton_impl.DW_CONFIGS, dict(M=16384, Q=128, P=32, TMA_ALIGNED=True), "Q", "P", "M", None)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
 
 
 def test_tma_config_refused_where_it_cannot_work():

@@ -30,4 +30,6 @@ def test_every_config_compiles_for_sm90_with_the_hopper_instructions():
         assert r["wgmma"] or r["config"].startswith("BLOCK_M: 32,"), r
         # TMA configs use the bulk tensor copy engine; pointer configs are software-pipelined through shared memory
         assert r["bulk_tensor_copies"] if r["tma"] else r["pipelined"], r
+        # the epilogue stores through a descriptor exactly in the configs that ask for it
+        assert r["bulk_tensor_stores"] == ("TMA_STORE: True" in r["config"]), r
         assert r["shared_bytes"] <= H100_SHARED_BYTES, r
