@@ -259,7 +259,7 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
 
 _butterfly_mm_tuned = triton.autotune(
     configs=MM_CONFIGS,
-    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "TMA_ALIGNED"],
+    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "RANK_BLOCK", "TMA_ALIGNED"],  # the low-rank segment changes what is fastest
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
     cache_results=True,
 )(_butterfly_mm_kernel)
