@@ -153,7 +153,9 @@ def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
     return sum(max(density * t, bytes_per_product / bandwidth_gbs / 1e6) for t in dense_ms)
 
 
-def run(tokens, shapes, layouts, device, dtype, rank=32):
+def run(tokens, shapes, layouts, device, dtype, rank=32, on_shape=lambda rows, tuning, bandwidth: None):
+    """Measure every (shape, layout); after each shape, on_shape(rows so far, tuning so far, bandwidth) reports them,
+    so a run cut short by a time limit keeps what it measured."""
     rows, tuning = [], []
     bandwidth = copy_bandwidth_gbs(device, 2**29 if device.type == "cuda" else 2**20)
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
@@ -239,6 +241,7 @@ def run(tokens, shapes, layouts, device, dtype, rank=32):
                              "speedup_fwd": d_fwd / bf})
             except Exception as err:  # report, don't hide: BSR refuses some block shapes
                 rows.append({**base, "impl": "torch BSR", "error": f"{type(err).__name__}: {err}"[:120]})
+        on_shape(rows, tuning, bandwidth)
     return rows, tuning, bandwidth
 
 
@@ -248,9 +251,12 @@ def chosen_configs():
             for name, tuned in (("mm", kernels._butterfly_mm_tuned), ("dw", kernels._butterfly_dw_tuned))}
 
 
-def print_table(rows):
+def print_header():
     print(f"{'shape':<11} {'layout':<24} {'impl':<36} {'fwd':>7} {'dX':>7} {'dW':>7} {'total':>7} {'TF/s':>6} {'%dense':>6} "
-          f"{'speedup':>7} {'floor':>7} {'%roofline':>9}")
+          f"{'speedup':>7} {'floor':>7} {'%roofline':>9}", flush=True)
+
+
+def print_rows(rows):
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<11} {r.get('layout', ''):<24} {r['impl']:<36} {r['error']}")
@@ -259,7 +265,7 @@ def print_table(rows):
         speed = r.get("speedup", r.get("speedup_fwd"))
         print(f"{r['shape']:<11} {r.get('layout', 'dense'):<24} {r['impl']:<36} {cell('fwd_ms')} {cell('dx_ms')} {cell('dw_ms')} "
               f"{cell('total_ms')} {r['tflops']:6.0f} {r['pct_dense']:6.1f} {speed:7.2f}" + (" (fwd)" if "speedup_fwd" in r else "")
-              + (f" {r['floor_ms']:7.3f} {r['pct_roofline']:9.1f}" if "floor_ms" in r else ""))
+              + (f" {r['floor_ms']:7.3f} {r['pct_roofline']:9.1f}" if "floor_ms" in r else ""), flush=True)
 
 
 def plot(rows, path):
@@ -316,18 +322,25 @@ def main(argv=None):
                 json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__, "tokens": tokens,
                            "lowrank_breakdown": rows}, f, indent=1)
         return
-    rows, tuning, bandwidth = run(tokens, shapes, layouts, device, dtype)
+    printed = []
+
+    def report(rows, tuning, bandwidth):
+        # the table grows shape by shape and the JSON is rewritten each time: a run cut short keeps its rows
+        if not printed:
+            print_header()
+        print_rows(rows[len(printed):])
+        printed[:] = rows
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                           "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
+                           "chosen_configs": chosen_configs()}, f, indent=1)
+
+    rows, tuning, _ = run(tokens, shapes, layouts, device, dtype, on_shape=report)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
-    print_table(rows)
     print("low-rank term's cost over the sparse kernels (target <= 10%):",
-          ", ".join(f"{r['shape']} {r['layout'].split(' tile')[0]}: +{r['lowrank_overhead_pct']:.0f}%"
+          ", ".join(f"{r['shape']} {r['layout'].split(' tile')[0]}: {r['lowrank_overhead_pct']:+.0f}%"
                     for r in rows if "lowrank_overhead_pct" in r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                       "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
-                       "chosen_configs": chosen_configs()}, f,
-                      indent=1)
     if args.plot:
         plot(rows, args.plot)
 

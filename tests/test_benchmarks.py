@@ -43,6 +43,26 @@ def test_bench_linear_dry_run_times_every_implementation(tmp_path):
     assert result["copy_bandwidth_gbs"] > 0 and (tmp_path / "lin.png").stat().st_size > 10_000
 
 
+def test_bench_linear_keeps_the_finished_shapes_when_cut_short(tmp_path, monkeypatch):
+    """A GPU call has a time limit; session 4 lost a 10-minute run that printed and saved only at the end."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_linear
+
+    gathered_bmm = bench_linear.gathered_bmm
+
+    def stop_in_second_shape(w, xs, gs):
+        if xs[0].shape[1] == 128:  # the limit hits while 128->64 is measured
+            raise KeyboardInterrupt
+        return gathered_bmm(w, xs, gs)
+
+    monkeypatch.setattr(bench_linear, "gathered_bmm", stop_in_second_shape)
+    with pytest.raises(KeyboardInterrupt):
+        bench_linear.main(["--dry-run", "--json", str(tmp_path / "lin.json")])
+    rows = json.loads((tmp_path / "lin.json").read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"64->128"}
+    assert {"dense cuBLAS", "pixelfly kernels", "pixelfly kernels + r=32", "PixelflyLinear r=32"} <= {r["impl"] for r in rows}
+
+
 def test_bench_linear_lowrank_breakdown_dry_run(tmp_path):
     run_script("bench_linear.py", "--dry-run", "--lowrank-breakdown", "--shapes", "64x128", "--json", str(tmp_path / "lr.json"),
                hf_home=tmp_path, TRITON_INTERPRET="1")
