@@ -87,9 +87,8 @@ def lowrank_kernels(w, u, v):
     def dx(x, g, z, dz):
         return kernels.butterfly_matmul_t(g, w, g @ u, v)
 
-    def dw(x, g, z, dz):
-        kernels.butterfly_matmul_dw(g, x, n_slots, butterfly_size)
-        return g.T @ z, dz.T @ x  # dU (Z saved by the forward, as the op does), dV
+    def dw(x, g, z, dz):  # dW, dU (Z saved by the forward, as the op does) and dV in one launch
+        return kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, n_slots, butterfly_size)
 
     return fwd, dx, dw
 
@@ -118,6 +117,7 @@ def lowrank_breakdown(tokens, shapes, layouts, device, dtype, rank=32):
                 "dX + dZ V segment": lambda x, g, z, dz: kernels.butterfly_matmul_t(g, w, dz, v),
                 "dU = dYt Z": lambda x, g, z, dz: g.T @ z,
                 "dV = dZt X": lambda x, g, z, dz: dz.T @ x,
+                "dW + dU + dV, one launch": lambda x, g, z, dz: kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, k + 1, bs),
             }
             floor_x = tokens * in_f * xs[0].element_size() / bandwidth / 1e6  # bandwidth counts read + write bytes
             floor_g = tokens * out_f * gs[0].element_size() / bandwidth / 1e6

@@ -67,6 +67,29 @@ def test_forward_and_all_gradients_match_float64(backend, gate, cfg):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [("weight",), ("lowrank_u",), ("lowrank_v", "bias")], ids="+".join)
+def test_frozen_parameters_get_no_gradient_and_the_rest_stay_exact(backend, frozen):
+    """With W, U and V all trained, the op computes dW, dU and dV in one launch; freezing any of them (training only
+    the low-rank term, say) takes the separate products instead."""
+    torch.manual_seed(len(frozen))
+    layer = random_layer(96, 192, 4, 2, 8, backend=backend)
+    for name in frozen:
+        getattr(layer, name).requires_grad_(False)
+    x = torch.randn(29, 96, requires_grad=True)
+    y = layer(x)
+    y_ref, x64, params = float64_reference(layer, x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad.double())
+    assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 1e-5
+    for name, param in layer.named_parameters():
+        if name in frozen:
+            assert param.grad is None, name
+        else:
+            assert ((param.grad.double() - params[name].grad).norm() / params[name].grad.norm()).item() < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_matches_float64(backend):
     torch.manual_seed(3)
     layer = random_layer(128, 256, 8, 2, 16, backend=backend, dtype=torch.float16)
