@@ -63,6 +63,18 @@ def test_bench_linear_keeps_the_finished_shapes_when_cut_short(tmp_path, monkeyp
     assert {"dense cuBLAS", "pixelfly kernels", "pixelfly kernels + r=32", "PixelflyLinear r=32"} <= {r["impl"] for r in rows}
 
 
+@pytest.mark.parametrize("product", ["fwd", "dx", "dw"])
+def test_sweep_configs_dry_run_times_the_pruned_configs(tmp_path, product):
+    run_script("sweep_configs.py", "--dry-run", "--product", product, "--json", str(tmp_path / "sweep.json"),
+               hf_home=tmp_path, TRITON_INTERPRET="1")
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["shape"] == "256->256" and len(result["rows"]) >= 2  # several configs survive for 128-wide patches
+    assert all(r["error"] is None and len(r["ms"]) == 2 and min(r["ms"]) > 0 for r in result["rows"])
+    token_tile = 2 if product == "dw" else 0  # dW runs K over the tokens; fwd/dX put them in BLOCK_M
+    assert all(r["config"][token_tile] <= 64 for r in result["rows"])  # 64 tokens: the pruning drops larger tiles
+    assert result["autotuner"]["ms"] > 0
+
+
 def test_bench_linear_lowrank_breakdown_dry_run(tmp_path):
     run_script("bench_linear.py", "--dry-run", "--lowrank-breakdown", "--shapes", "64x128", "--json", str(tmp_path / "lr.json"),
                hf_home=tmp_path, TRITON_INTERPRET="1")

@@ -1,0 +1,116 @@
+"""Every autotuner config of one butterfly product, timed explicitly: is a slow product slow under every config,
+or did the autotuner pick badly, or does the same config time differently from run to run?
+
+    python benchmarks/sweep_configs.py --shape 1024x4096 --layout 16x2 --product fwd --repeat 2 --json out.json
+    TRITON_INTERPRET=1 python benchmarks/sweep_configs.py --dry-run      # CPU: checks the script, not speed
+
+For each config that the autotuner's own pruning keeps for this product, the median ms over rotated inputs, measured
+`--repeat` times in one process (rounds interleaved, so a drift in clocks shows as spread, not as a config's
+speed), then the autotuner's pick through the normal launch path. Written for session 4's puzzle: 1024->4096 at
+butterfly size 16 ran its forward at 0.138 ms, twice cuBLAS's time on the same products, and the same pick timed
+0.217 and 0.086 ms in two runs for n_factors=3.
+"""
+import argparse
+import json
+
+import torch
+import triton
+
+from timing import median_ms  # benchmarks/timing.py
+from pixelfly_kernels import butterfly_matmul as kernels
+
+PRODUCTS = ("fwd", "dx", "dw")
+
+
+def config_tuple(config):
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, kw["USE_TMA"],
+            kw.get("PERSISTENT", False), kw.get("TMA_STORE", False))
+
+
+def candidates(product, tokens, q, p, x, g, w):
+    """The configs the autotuner would try for this product (its pruning, on these tensors' alignment)."""
+    if product == "dw":
+        named = dict(M=tokens, Q=q, P=p, TMA_ALIGNED=kernels._tma_aligned(g, x))
+        kept = kernels._prune(kernels.DW_CONFIGS, named, "Q", "P", "M", None)
+        return [config_tuple(c)[:6] for c in kept]
+    n_patch, k_patch = (q, p) if product == "fwd" else (p, q)
+    a = x if product == "fwd" else g
+    out = torch.empty(tokens, w.shape[0] * n_patch, device=a.device, dtype=a.dtype)
+    named = dict(M=tokens, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=kernels._tma_aligned(a, w.view(-1, p), out))
+    kept = kernels._prune(kernels.MM_CONFIGS, named, "M", "N_PATCH", "K_PATCH", "K_PATCH")
+    return [config_tuple(c) for c in kept]
+
+
+def launcher(product, w, n_slots, butterfly_size):
+    if product == "fwd":
+        return lambda x, g, config: kernels.butterfly_matmul(x, w, config=config)
+    if product == "dx":
+        return lambda x, g, config: kernels.butterfly_matmul_t(g, w, config=config)
+    return lambda x, g, config: kernels.butterfly_matmul_dw(g, x, n_slots, butterfly_size, config=config)
+
+
+def sweep(tokens, in_f, out_f, bs, k, product, repeat, max_configs, device, dtype):
+    q, p = out_f // bs, in_f // bs
+    xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(3)]
+    gs = [torch.randn(tokens, out_f, device=device, dtype=dtype) for _ in range(3)]
+    w = torch.randn(bs, k + 1, q, p, device=device, dtype=dtype) / (p * (k + 1)) ** 0.5
+    run = launcher(product, w, k + 1, bs)
+    configs = candidates(product, tokens, q, p, xs[0], gs[0], w)[:max_configs]
+    times = {c: [] for c in configs}
+    errors = {}
+    for _ in range(repeat):
+        for config in configs:
+            if config in errors:
+                continue
+            try:
+                times[config].append(median_ms(lambda x, g: run(x, g, config), list(zip(xs, gs))))
+            except Exception as err:  # e.g. out of shared memory on this GPU: report it, keep sweeping
+                errors[config] = f"{type(err).__name__}: {err}"[:160]
+    rows = [{"config": list(c), "ms": times[c], "error": errors.get(c)} for c in configs]
+    rows.sort(key=lambda r: min(r["ms"]) if r["ms"] else float("inf"))
+    picked_ms = median_ms(lambda x, g: run(x, g, None), list(zip(xs, gs)))
+    tuned = kernels._butterfly_dw_tuned if product == "dw" else kernels._butterfly_mm_tuned
+    picks = {str(key): str(config) for key, config in tuned.cache.items()}
+    return rows, {"ms": picked_ms, "configs": picks}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--shape", default="1024x4096", help="in x out")
+    parser.add_argument("--layout", default="16x2", help="butterfly_size x n_factors")
+    parser.add_argument("--product", choices=PRODUCTS, default="fwd")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds over all configs (run-to-run spread)")
+    parser.add_argument("--max-configs", type=int, default=1000)
+    parser.add_argument("--json")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, fp32, tiny shape, three configs (TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        if not kernels.INTERPRET:
+            parser.error("--dry-run runs the Triton kernels on CPU: set TRITON_INTERPRET=1")
+        device, dtype, tokens, max_configs = torch.device("cpu"), torch.float32, 64, 3
+        args.shape, args.layout = "256x256", "2x1"  # 128-wide patches: several configs survive the pruning
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; use --dry-run on CPU")
+    else:
+        device, dtype, tokens, max_configs = torch.device("cuda"), torch.bfloat16, args.tokens, args.max_configs
+    in_f, out_f = map(int, args.shape.split("x"))
+    bs, k = map(int, args.layout.split("x"))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
+    print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  {args.product} {in_f}->{out_f} "
+          f"bs={bs} k={k} tokens={tokens}", flush=True)
+    rows, picked = sweep(tokens, in_f, out_f, bs, k, args.product, args.repeat, max_configs, device, dtype)
+    print(f"{'config (bm, bn, bk, warps, stages, tma[, persistent, tma_store])':<64} ms per round")
+    for r in rows:
+        print(f"{str(tuple(r['config'])):<64} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))
+    print(f"autotuner's pick: {picked['ms']:.4f} ms  ({'; '.join(picked['configs'].values())})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__, "product": args.product,
+                       "shape": f"{in_f}->{out_f}", "layout": f"bs={bs} k={k}", "tokens": tokens, "rows": rows,
+                       "autotuner": picked}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
