@@ -1,0 +1,69 @@
+"""What torch.compile believes each Triton kernel writes, on this machine, no GPU needed; prints one JSON line per
+(kernel, variant). Run without TRITON_INTERPRET (tests/test_kernels_compile_sm90.py does).
+
+Inductor reads a user kernel's TTIR to find the tensors it stores to. If the analysis fails it treats every pointer
+argument as written (copies of X and dY each step); if it missed a store (say one made through a TMA descriptor
+built inside the kernel) it could reuse that output's buffer. The TTIR is generated for sm_90 through a stand-in
+driver that only names the target.
+"""
+import json
+
+import torch
+import triton
+from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+from triton.backends.compiler import GPUTarget
+
+from pixelfly_kernels import butterfly_matmul as kernels
+
+
+class Sm90Target:
+    """The two driver calls TTIR generation makes."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, rank=32):
+    a, w = torch.randn(tokens, B * p), torch.randn(B, F, q, p)
+    bias, z, l, out = torch.randn(B * q), torch.randn(tokens, rank), torch.randn(rank, B * q), torch.empty(tokens, B * q)
+    values = (a, w, bias, z, l, out, tokens, q, p, rank, B, 132, a.stride(0), out.stride(0), F * q * p, q * p, p, 1,
+              z.stride(0), l.stride(0), 1)
+    args = dict(zip(kernels._butterfly_mm_kernel.fn.arg_names, values))
+    return {**args, "F": F, "PARTNER_WEIGHT": False, "HAS_BIAS": True, "RANK_BLOCK": 32, "UPCAST": False,
+            "DOT_PRECISION": "tf32", "EVEN_K": True, "EVEN_N": True, "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64,
+            "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store}
+
+
+def dw_args(tma, rank, tokens=256, B=4, F=3, q=64, p=64):
+    g, x, dw = torch.randn(tokens, B * q), torch.randn(tokens, B * p), torch.empty(B, F, q, p)
+    z, dz = torch.randn(tokens, max(rank, 1)), torch.randn(tokens, max(rank, 1))
+    du, dv = torch.empty(B * q, max(rank, 1)), torch.empty(max(rank, 1), B * p)
+    values = (g, x, dw, z, dz, du, dv, tokens, q, p, B, rank, g.stride(0), x.stride(0), z.stride(0), dz.stride(0),
+              dv.stride(0))
+    args = dict(zip(kernels._butterfly_dw_kernel.arg_names, values))
+    return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "RANK_BLOCK": 32 if rank else 0,
+            "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma}
+
+
+def cases():
+    for tma, persistent, tma_store in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        yield (f"forward tma={tma} persistent={persistent} tma_store={tma_store}", kernels._butterfly_mm_kernel.fn,
+               forward_args(tma, persistent, tma_store))
+    for tma in (False, True):
+        for rank in (0, 32):
+            yield f"dW tma={tma} rank={rank}", kernels._butterfly_dw_kernel, dw_args(tma, rank)
+
+
+def main():
+    triton.runtime.driver.set_active(Sm90Target())  # for this process only: it exits after printing
+    for name, kernel, args in cases():
+        accesses = identify_accessed_tensors(kernel, args, {})
+        print(json.dumps({"case": name, "writes": sorted(d.name for d in accesses.read_writes.writes),
+                          "reads": sorted(d.name for d in accesses.read_writes.reads)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
