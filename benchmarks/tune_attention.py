@@ -13,6 +13,10 @@ For each (causal, head_dim) at one sequence length it times forward alone and fo
   g128_autotune g128 compiled with mode="max-autotune-no-cudagraphs" (autotunes Flex's tile configs)
   g128_tilemask g128 with the partial tiles' mask_mod reduced to causality + tail (get_block_mask's
                 partial_tile_mask): what the pattern's per-score XOR arithmetic costs
+  g128_safe     g128 telling Flex that no row is fully masked (kernel_options ROWS_GUARANTEED_SAFE; true here:
+                every query keeps its own diagonal block and the global tokens), which skips its empty-row guard
+  g128_safe_prescale  the same plus PRESCALE_QK (Q scaled once instead of every score; the error columns show
+                what that costs in accuracy)
 and the per-visited-tile rate relative to SDPA (1.0 = FlexAttention as fast per tile as cuDNN), plus each
 variant's relative error (output and dQ) against fp32 SDPA with the pattern as a dense boolean mask.
 """
@@ -36,6 +40,8 @@ VARIANTS = {
     "g128_tma": dict(n_global=128, kernel_options={"USE_TMA": True}),
     "g128_autotune": dict(n_global=128, compile_mode="max-autotune-no-cudagraphs"),
     "g128_tilemask": dict(n_global=128, partial_tile_mask=True),
+    "g128_safe": dict(n_global=128, kernel_options={"ROWS_GUARANTEED_SAFE": True}),
+    "g128_safe_prescale": dict(n_global=128, kernel_options={"ROWS_GUARANTEED_SAFE": True, "PRESCALE_QK": True}),
 }
 
 
