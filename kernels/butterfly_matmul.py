@@ -279,8 +279,8 @@ _TILES = [
     (256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
 ]
 _DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches of <= 32 rows (q = 24); too short for wgmma
-# 32-wide N or K for patches that narrow (1024 -> 4096 at butterfly size 32: 32-wide input patches); the pruning
-# offers them only there, so wider patches keep their tuning time
+# 32-wide N or K for patches that narrow (1024 -> 4096 at butterfly size 32: 32-wide input patches) or that 32 tiles
+# exactly and 64 does not (96, 160); the pruning offers them only there, so other patches keep their tuning time
 _NARROW_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 4), (128, 128, 32, 8, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
@@ -297,14 +297,17 @@ MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
 
 
 def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
-    """Keep configs whose tiles are no larger than the next power of 2 of what they cover and no narrower than 64
-    where that is at least 64 wide, and TMA configs only where the operands are 16-byte aligned and (forward/dX) a
-    K tile never crosses a patch edge; descriptor stores only where column tiles stay inside a patch."""
-    limits = {key: max(16, triton.next_power_of_2(named_args[arg])) for key, arg in
-              (("BLOCK_M", rows), ("BLOCK_N", cols), ("BLOCK_K", k))}
+    """Keep configs whose tiles are no larger than the next power of 2 of what they cover, and 32 wide only where
+    the patch is that narrow or where 32 divides it and 64 does not (96- and 160-wide patches: no masked waste, and
+    TMA becomes possible); TMA configs only where the operands are 16-byte aligned and (forward/dX) a K tile never
+    crosses a patch edge; descriptor stores only where column tiles stay inside a patch."""
+    sizes = {"BLOCK_M": named_args[rows], "BLOCK_N": named_args[cols], "BLOCK_K": named_args[k]}
 
     def fits(c):
-        return all(c.kwargs[key] <= limit and (c.kwargs[key] >= 64 or limit <= 32) for key, limit in limits.items())
+        def ok(tile, size):
+            narrow_pays = size <= 32 or (size % 64 != 0 and size % 32 == 0)
+            return tile <= max(16, triton.next_power_of_2(size)) and (tile >= 64 or narrow_pays)
+        return all(ok(c.kwargs[key], size) for key, size in sizes.items())
 
     def tma_ok(c):
         return named_args["TMA_ALIGNED"] and (patch_k is None or named_args[patch_k] % c.kwargs["BLOCK_K"] == 0)

@@ -150,9 +150,9 @@ def test_dw_launch_with_lowrank_gradients_matches_float64(impl, config, dtype, s
     assert rel_err(dv, dz.double().T @ x.double()) < tol
 
 
-def test_autotuner_offers_32_wide_tiles_only_to_patches_that_narrow():
+def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     """Before 32-wide tiles existed, a 32-wide patch (1024 -> 4096 at butterfly size 32) got one 64x32x32 config;
-    wider patches must not pay tuning time for 32-wide tiles."""
+    patches that 64 divides must not pay tuning time for 32-wide tiles."""
     def offered(n_patch, k_patch, tma_aligned=True):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=tma_aligned)
         kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
@@ -165,6 +165,11 @@ def test_autotuner_offers_32_wide_tiles_only_to_patches_that_narrow():
     narrow_n = offered(32, 128)  # its dX: 32-wide N
     assert {n for _, n, _, _ in narrow_n} == {32} and (256, 32, 64, True) in narrow_n
     assert not any(tma for *_, tma in offered(24, 96, tma_aligned=False))
+    # 96-wide patches (768 -> 3072 at butterfly size 8): 64-wide K tiles would mask a quarter of the last step and
+    # rule out TMA; 32-wide ones tile it exactly. 384 is 64-divisible: no 32-wide N there
+    fwd_96 = offered(384, 96)
+    assert (128, 256, 32, True) in fwd_96 and {n for _, n, _, _ in fwd_96} >= {128, 256} and 32 not in {n for _, n, _, _ in fwd_96}
+    assert (128, 32, 64, True) in offered(96, 384)  # its dX: 32-wide N tiles 96 exactly
     dw = triton_impl._prune(triton_impl.DW_CONFIGS, dict(M=16384, Q=128, P=32, TMA_ALIGNED=True), "Q", "P", "M", None)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
 
