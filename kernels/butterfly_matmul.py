@@ -353,7 +353,8 @@ def _tma_scratch(size: int, alignment: int, stream):
 
 
 def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
-    """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune).
+    """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune; `default`
+    is a function, so the GPU path does not pay for computing it).
 
     config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store]]]); the last
     two only for the forward/dX kernel, tma_store only with use_tma.
@@ -366,7 +367,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
         traced = any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in args if isinstance(t, torch.Tensor))
         (wrap_triton(tuned) if traced else tuned)[grid](*args, **kwargs)
         return
-    block_m, block_n, block_k, warps, stages, *flags = config or default
+    block_m, block_n, block_k, warps, stages, *flags = config or default()
     use_tma = len(flags) > 0 and bool(flags[0])
     if use_tma and not (kwargs["TMA_ALIGNED"] and (patch_k is None or patch_k % block_k == 0)):
         raise ValueError(f"config {config} asks for TMA, but the operands are not 16-byte aligned or block_k={block_k} "
@@ -449,7 +450,9 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     kwargs = dict(F=F, PARTNER_WEIGHT=partner_weight, HAS_BIAS=bias is not None,
                   RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0,
                   UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(a.dtype), TMA_ALIGNED=_tma_aligned(a, weight.view(-1, p), out))
-    default = (_tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3)
+    def default():
+        return _tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3
+
     _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default, patch_k=k_patch)
     return out
 
@@ -508,6 +511,8 @@ def _launch_dw(grad, x, n_slots, butterfly_size, z, dz, out, config):
             dv.stride(0))
     kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
                   RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0, TMA_ALIGNED=_tma_aligned(grad, x))
-    default = (_tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3)
+    def default():
+        return _tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3
+
     _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
     return (dw, du, dv) if rank else (dw, None, None)
