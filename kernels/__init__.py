@@ -1,7 +1,8 @@
 """pixelfly_kernels: butterfly-sparse matmul kernels (Triton) and their PyTorch reference, as torch ops."""
+import importlib.util
 import sys
 
-if __name__ != "pixelfly_kernels":
+if __name__ != "pixelfly_kernels" and importlib.util.find_spec("pixelfly_kernels") is not None:
     # this folder imported under its own name, `kernels` (the repo root on sys.path: `python -c` or a REPL there;
     # transformers imports `kernels` while probing for the Hub kernels library): hand back the installed package
     # instead of running a second copy, whose op registrations would clash with the first (a crash in the op
