@@ -298,7 +298,12 @@ def main(argv=None):
     parser.add_argument("--lowrank-breakdown", action="store_true", help="time each piece of the r=32 term instead")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no timing: one table (and --json/--plot) from runs split over several GPU calls")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.json, args.plot)
+        return
     if args.dry_run:
         if not kernels.INTERPRET:
             parser.error("--dry-run runs the Triton kernels on CPU: set TRITON_INTERPRET=1")
@@ -338,11 +343,32 @@ def main(argv=None):
 
     rows, tuning, _ = run(tokens, shapes, layouts, device, dtype, on_shape=report)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
+    print_lowrank_overheads(rows)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def print_lowrank_overheads(rows):
     print("low-rank term's cost over the sparse kernels (target <= 10%):",
           ", ".join(f"{r['shape']} {r['layout'].split(' tile')[0]}: {r['lowrank_overhead_pct']:+.0f}%"
                     for r in rows if "lowrank_overhead_pct" in r))
-    if args.plot:
-        plot(rows, args.plot)
+
+
+def merge(paths, json_path, plot_path):
+    """Several runs' JSON (e.g. the shapes split over two GPU calls) as one table, JSON and plot."""
+    runs = [json.loads(open(path).read()) for path in paths]
+    rows = [row for run in runs for row in run["rows"]]
+    print(" + ".join(f"{path}: {run['device']} torch {run['torch']} triton {run['triton']}" for path, run in zip(paths, runs)))
+    print_header()
+    print_rows(rows)
+    print_lowrank_overheads(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"merged_from": [{"path": path, **{k: run[k] for k in ("device", "torch", "triton", "tokens")}}
+                                       for path, run in zip(paths, runs)], "rows": rows,
+                       "tuning": [t for run in runs for t in run.get("tuning", [])]}, f, indent=1)
+    if plot_path:
+        plot(rows, plot_path)
 
 
 if __name__ == "__main__":

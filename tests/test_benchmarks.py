@@ -75,6 +75,19 @@ def test_sweep_configs_dry_run_times_the_pruned_configs(tmp_path, product):
     assert result["autotuner"]["ms"] > 0
 
 
+def test_bench_linear_merges_runs_split_over_calls(tmp_path):
+    for shape in ("64x128", "128x64"):
+        run_script("bench_linear.py", "--dry-run", "--shapes", shape, "--json", str(tmp_path / f"{shape}.json"),
+                   hf_home=tmp_path, TRITON_INTERPRET="1")
+    proc = run_script("bench_linear.py", "--merge", str(tmp_path / "64x128.json"), str(tmp_path / "128x64.json"),
+                      "--json", str(tmp_path / "all.json"), "--plot", str(tmp_path / "all.png"), hf_home=tmp_path)
+    merged = json.loads((tmp_path / "all.json").read_text())
+    parts = [json.loads((tmp_path / f"{shape}.json").read_text())["rows"] for shape in ("64x128", "128x64")]
+    assert merged["rows"] == parts[0] + parts[1] and {r["shape"] for r in parts[1]} == {"128->64"}
+    assert len(merged["merged_from"]) == 2 and "low-rank term's cost" in proc.stdout
+    assert (tmp_path / "all.png").stat().st_size > 10_000
+
+
 def test_bench_linear_lowrank_breakdown_dry_run(tmp_path):
     run_script("bench_linear.py", "--dry-run", "--lowrank-breakdown", "--shapes", "64x128", "--json", str(tmp_path / "lr.json"),
                hf_home=tmp_path, TRITON_INTERPRET="1")
