@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pixelfly_hf import PixelflyLinear
-from pixelfly_kernels import butterfly_mm
+from pixelfly_kernels import butterfly_mm, butterfly_mm_dw_lowrank
 from pixelfly_kernels import butterfly_matmul as triton_kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
@@ -211,6 +211,8 @@ def test_custom_op_registration_is_consistent():
     v = torch.randn(8, 64, requires_grad=True)
     torch.library.opcheck(butterfly_mm, (x, w, b, u, v, "reference"))
     torch.library.opcheck(butterfly_mm, (x, w, None, None, None, "reference"))
+    g, z, dz = torch.randn(9, 128), torch.randn(9, 8), torch.randn(9, 8)
+    torch.library.opcheck(butterfly_mm_dw_lowrank, (g, x.detach(), z, dz, 3, 4, "reference"))
 
 
 def test_from_the_repo_root_the_kernels_folder_is_the_one_installed_package(tmp_path):
