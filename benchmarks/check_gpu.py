@@ -33,19 +33,20 @@ def rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def check_kernels(dtype=torch.bfloat16):
+def check_kernels(dtype=torch.bfloat16, device="cuda", grid=GRID):
+    """Relative error per product and shape (device/grid other than the defaults: the CPU test of this script)."""
     rows = []
-    for tokens, in_f, out_f, bs, k in GRID:
+    for tokens, in_f, out_f, bs, k in grid:
         q, p = out_f // bs, in_f // bs
-        w = torch.randn(bs, k + 1, q, p, device="cuda", dtype=dtype) / p**0.5
-        x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
-        g = torch.randn(tokens, out_f, device="cuda", dtype=dtype)
-        b = torch.randn(out_f, device="cuda", dtype=dtype)
+        w = torch.randn(bs, k + 1, q, p, device=device, dtype=dtype) / p**0.5
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+        g = torch.randn(tokens, out_f, device=device, dtype=dtype)
+        b = torch.randn(out_f, device=device, dtype=dtype)
         dense = butterfly_to_dense(w.float())
-        y = kernels.butterfly_matmul(x, w, b, out=torch.full((tokens, out_f), float("nan"), device="cuda", dtype=dtype))
+        y = kernels.butterfly_matmul(x, w, b, out=torch.full((tokens, out_f), float("nan"), device=device, dtype=dtype))
         dx = kernels.butterfly_matmul_t(g, w, out=torch.full_like(x, float("nan")))
         dw = kernels.butterfly_matmul_dw(g, x, k + 1, bs, out=torch.full_like(w, float("nan")))
-        z, dz = torch.randn(tokens, 32, device="cuda", dtype=dtype), torch.randn(tokens, 32, device="cuda", dtype=dtype)
+        z, dz = torch.randn(tokens, 32, device=device, dtype=dtype), torch.randn(tokens, 32, device=device, dtype=dtype)
         dw_lr, du, dv = kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, k + 1, bs, out=torch.full_like(w, float("nan")))
         mask = butterfly_to_dense(torch.ones_like(w, dtype=torch.float32))
         dw_want = (g.float().T @ x.float()) * mask

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers_recipes import ROOT, recipe_env
 
@@ -138,3 +139,14 @@ def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     module = importlib.import_module(name)
     assert callable(module.main)
+
+
+def test_check_gpu_kernel_grid_runs_and_passes_in_the_interpreter(monkeypatch):
+    """check_gpu's correctness grid (incl. the dW launch with dU and dV) on CPU, fp32, small shapes: a slip in the
+    script shows here instead of in a paid GPU session."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import check_gpu
+
+    rows = check_gpu.check_kernels(dtype=torch.float32, device="cpu", grid=check_gpu.GRID[:3])
+    assert [set(r) - {"shape"} for r in rows] == [{"fwd", "dX", "dW", "dW (with dU, dV)", "dU", "dV"}] * 3
+    assert all(err < 1e-5 for r in rows for name, err in r.items() if name != "shape"), rows
