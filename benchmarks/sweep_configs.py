@@ -25,7 +25,7 @@ PRODUCTS = ("fwd", "dx", "dw")
 def config_tuple(config):
     kw = config.kwargs
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, kw["USE_TMA"],
-            kw.get("PERSISTENT", False), kw.get("TMA_STORE", False))
+            kw.get("PERSISTENT", False), kw.get("TMA_STORE", False), kw.get("GROUP_M", 0))
 
 
 def candidates(product, tokens, q, p, x, g, w):
@@ -101,9 +101,9 @@ def main(argv=None):
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  {args.product} {in_f}->{out_f} "
           f"bs={bs} k={k} tokens={tokens}", flush=True)
     rows, picked = sweep(tokens, in_f, out_f, bs, k, args.product, args.repeat, max_configs, device, dtype)
-    print(f"{'config (bm, bn, bk, warps, stages, tma[, persistent, tma_store])':<64} ms per round")
+    print(f"{'config (bm, bn, bk, warps, stages, tma[, persistent, tma_store, group_m])':<72} ms per round")
     for r in rows:
-        print(f"{str(tuple(r['config'])):<64} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))
+        print(f"{str(tuple(r['config'])):<72} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))
     print(f"autotuner's pick: {picked['ms']:.4f} ms  ({'; '.join(picked['configs'].values())})")
     if args.json:
         with open(args.json, "w") as f:

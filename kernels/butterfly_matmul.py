@@ -115,7 +115,7 @@ def _butterfly_mm_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr,
+    PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     if USE_TMA:
         # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
@@ -139,9 +139,20 @@ def _butterfly_mm_kernel(
         # one program per SM walks the tiles (rows fastest, as the 2-D grid orders them); flattening the tile and
         # K loops lets the pipeline fetch the next tile's operands while this tile's epilogue runs
         tiles_m = tl.cdiv(M, BLOCK_M)
-        n_tiles = tiles_m * B * tl.cdiv(N_PATCH, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), n_tiles, NUM_PROGRAMS, flatten=True):
-            _mm_tile(tile % tiles_m, tile // tiles_m, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
+        tiles_n = B * tl.cdiv(N_PATCH, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            if GROUP_M > 0:
+                # GROUP_M row blocks at a time, every column tile of every patch for them: the programs running
+                # together share those rows of A (each input patch feeds F output patches) through L2
+                group_tiles = GROUP_M * tiles_n
+                first_m = (tile // group_tiles) * GROUP_M
+                rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+                pid_m = first_m + (tile % group_tiles) % rows_in_group
+                pid_n = (tile % group_tiles) // rows_in_group
+            else:
+                pid_m = tile % tiles_m
+                pid_n = tile // tiles_m
+            _mm_tile(pid_m, pid_n, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                      M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                      stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
                      EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
@@ -262,11 +273,12 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None, tma_store=False):
+def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None, tma_store=False, group_m=0):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma}
-    if persistent is not None:  # the forward/dX kernel's schedule and store switches (the dW kernel has neither)
+    if persistent is not None:  # the forward/dX kernel's schedule, store and order switches (the dW kernel has none)
         meta["PERSISTENT"] = persistent
         meta["TMA_STORE"] = tma_store
+        meta["GROUP_M"] = group_m
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
@@ -293,7 +305,10 @@ DW_CONFIGS = ([_config(*t) for t in _TILES + _DW_SMALL_TILES + _NARROW_TILES]
 MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES]
-              + [_config(*t, tma=True, persistent=True, tma_store=True) for t in _PERSISTENT_STORE_TILES])
+              + [_config(*t, tma=True, persistent=True, tma_store=True) for t in _PERSISTENT_STORE_TILES]
+              # the usual persistent winners again, walking 8 row blocks across all patches at a time
+              + [_config(*t, tma=True, persistent=True, tma_store=store, group_m=8)
+                 for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))])
 
 
 def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
@@ -356,8 +371,8 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune; `default`
     is a function, so the GPU path does not pay for computing it).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store]]]); the last
-    two only for the forward/dX kernel, tma_store only with use_tma.
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m]]]]);
+    the last three only for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
@@ -376,6 +391,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     if "NUM_PROGRAMS" in kernel.arg_names:
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
         meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
+        meta["GROUP_M"] = int(flags[3]) if len(flags) > 3 else 0
         if meta["TMA_STORE"] and not use_tma:
             raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)

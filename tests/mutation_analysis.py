@@ -34,7 +34,7 @@ def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, 
     args = dict(zip(kernels._butterfly_mm_kernel.fn.arg_names, values))
     return {**args, "F": F, "PARTNER_WEIGHT": False, "HAS_BIAS": True, "RANK_BLOCK": 32, "UPCAST": False,
             "DOT_PRECISION": "tf32", "EVEN_K": True, "EVEN_N": True, "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64,
-            "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store}
+            "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0}
 
 
 def dw_args(tma, rank, tokens=256, B=4, F=3, q=64, p=64):

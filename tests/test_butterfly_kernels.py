@@ -99,14 +99,15 @@ def test_triton_launcher_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(70, 192, 384, 4, 1), (33, 256, 128, 8, 3), (45, 384, 192, 4, 2), (40, 256, 512, 4, 2)],
                          ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("flags", [(True, False), (True, True), (False, True), (True, True, True)],
-                         ids=["tma", "tma-persistent", "persistent", "tma-persistent-store"])
+@pytest.mark.parametrize("flags", [(True, False), (True, True), (False, True), (True, True, True), (False, True, False, 2)],
+                         ids=["tma", "tma-persistent", "persistent", "tma-persistent-store", "persistent-grouped"])
 def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, flags):
     """The TMA-descriptor and persistent variants (autotuner choices on Hopper) under the interpreter: 64-wide N tiles
     run past the 16- and 48-wide patches, so the masked store must drop what they read from the neighbour patch; the
     persistent schedule runs 3 programs here, each walking several tiles (with the low-rank segment and bias too).
     Descriptor stores apply where a 64-wide tile fits its patch (64- and 128-wide patches, last shape); they must
-    clip the 8 rows past the end of the last 32-row tile, and elsewhere fall back to the masked store."""
+    clip the 8 rows past the end of the last 32-row tile, and elsewhere fall back to the masked store. The grouped
+    order walks 2 row blocks at a time; 2 or 3 row blocks here leave a last group of one or a full one."""
     torch.manual_seed(zlib.crc32(repr((dtype, shape, flags)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     rank = 8
