@@ -6,8 +6,9 @@
 For each shape and flat butterfly layout (densities 9.4%, 18.75%, 25%, 37.5%): medians of triton's do_bench
 over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonzero FLOPs (2 * tokens * stored
 weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
-time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ,
-dZ = dY U, dU = dYᵀ Z, dV = dZᵀ X as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment), so
+time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ
+and dZ = dY U as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment, dU = dYᵀ Z and
+dV = dZᵀ X inside the dW launch), so
 its ratio to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same
 nonzero FLOPs as cuBLAS batched GEMMs on input patches gathered before timing: the rate cuBLAS itself gets at this
 K, i.e. what "% dense" can reach on this structure. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
@@ -18,6 +19,7 @@ the result on disk, so a second run skips it).
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +358,7 @@ def print_lowrank_overheads(rows):
 
 def merge(paths, json_path, plot_path):
     """Several runs' JSON (e.g. the shapes split over two GPU calls) as one table, JSON and plot."""
-    runs = [json.loads(open(path).read()) for path in paths]
+    runs = [json.loads(Path(path).read_text()) for path in paths]
     rows = [row for run in runs for row in run["rows"]]
     print(" + ".join(f"{path}: {run['device']} torch {run['torch']} triton {run['triton']}" for path, run in zip(paths, runs)))
     print_header()

@@ -59,8 +59,9 @@ def timed(attn, inputs, grad):
 def errors_vs_masked_sdpa(attn, inputs, grad, spec, causal):
     """Relative Frobenius error of the output and of dQ against fp32 SDPA with the pattern as a boolean mask."""
     q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
-    attn(q, k, v).backward(grad)
-    out = attn(q, k, v).detach()
+    out = attn(q, k, v)
+    out.backward(grad)
+    out = out.detach()
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in inputs)
     mask = dense_pattern(q.shape[2], q.shape[2], spec, causal, device=q.device)
     ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
