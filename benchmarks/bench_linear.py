@@ -8,8 +8,7 @@ over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonz
 weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
 time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ
 and dZ = dY U as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment, dU = dYᵀ Z and
-dV = dZᵀ X inside the dW launch), so
-its ratio to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same
+dV = dZᵀ X as cuBLAS GEMMs after the dW kernel), so its ratio to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same
 nonzero FLOPs as cuBLAS batched GEMMs on input patches gathered before timing: the rate cuBLAS itself gets at this
 K, i.e. what "% dense" can reach on this structure. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
 FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y once, the stored
@@ -89,8 +88,9 @@ def lowrank_kernels(w, u, v):
     def dx(x, g, z, dz):
         return kernels.butterfly_matmul_t(g, w, g @ u, v)
 
-    def dw(x, g, z, dz):  # dW, dU (Z saved by the forward, as the op does) and dV in one launch
-        return kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, n_slots, butterfly_size)
+    def dw(x, g, z, dz):
+        kernels.butterfly_matmul_dw(g, x, n_slots, butterfly_size)
+        return g.T @ z, dz.T @ x  # dU (Z saved by the forward, as the op does), dV
 
     return fwd, dx, dw
 
@@ -119,7 +119,6 @@ def lowrank_breakdown(tokens, shapes, layouts, device, dtype, rank=32):
                 "dX + dZ V segment": lambda x, g, z, dz: kernels.butterfly_matmul_t(g, w, dz, v),
                 "dU = dYt Z": lambda x, g, z, dz: g.T @ z,
                 "dV = dZt X": lambda x, g, z, dz: dz.T @ x,
-                "dW + dU + dV, one launch": lambda x, g, z, dz: kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, k + 1, bs),
             }
             floor_x = tokens * in_f * xs[0].element_size() / bandwidth / 1e6  # bandwidth counts read + write bytes
             floor_g = tokens * out_f * gs[0].element_size() / bandwidth / 1e6

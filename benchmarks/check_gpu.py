@@ -2,9 +2,9 @@
 
     python benchmarks/check_gpu.py [--json PATH]
 
-Correctness: forward, dX and dW of the Triton kernels (autotuned; dW also in the launch that computes the rank-32
-dU and dV) and a PixelflyLinear (sparse + low rank, with and without gate) in bf16 against an fp32 reference on
-fresh random inputs, outputs poisoned with NaN first; passes at relative Frobenius error <= 1e-2. Timing: GPT-2 small/medium MLP shapes, 16384 tokens, bf16,
+Correctness: forward, dX and dW of the Triton kernels (autotuned) and a PixelflyLinear (sparse + low rank,
+with and without gate) in bf16 against an fp32 reference on fresh random inputs, outputs poisoned with NaN
+first; passes at relative Frobenius error <= 1e-2. Timing: GPT-2 small/medium MLP shapes, 16384 tokens, bf16,
 forward and forward+backward of PixelflyLinear against nn.Linear (cuBLAS), medians of triton's do_bench.
 """
 import argparse
@@ -46,18 +46,11 @@ def check_kernels(dtype=torch.bfloat16, device="cuda", grid=GRID):
         y = kernels.butterfly_matmul(x, w, b, out=torch.full((tokens, out_f), float("nan"), device=device, dtype=dtype))
         dx = kernels.butterfly_matmul_t(g, w, out=torch.full_like(x, float("nan")))
         dw = kernels.butterfly_matmul_dw(g, x, k + 1, bs, out=torch.full_like(w, float("nan")))
-        z, dz = torch.randn(tokens, 32, device=device, dtype=dtype), torch.randn(tokens, 32, device=device, dtype=dtype)
-        dw_lr, du, dv = kernels.butterfly_matmul_dw_lowrank(g, x, z, dz, k + 1, bs, out=torch.full_like(w, float("nan")))
         mask = butterfly_to_dense(torch.ones_like(w, dtype=torch.float32))
-        dw_want = (g.float().T @ x.float()) * mask
         errs = {
             "fwd": rel_err(y, x.float() @ dense.T + b.float()),
             "dX": rel_err(dx, g.float() @ dense),
-            "dW": rel_err(butterfly_to_dense(dw.float()), dw_want),
-            # the dW launch that also computes the low-rank gradients (rank 32)
-            "dW (with dU, dV)": rel_err(butterfly_to_dense(dw_lr.float()), dw_want),
-            "dU": rel_err(du, g.float().T @ z.float()),
-            "dV": rel_err(dv, dz.float().T @ x.float()),
+            "dW": rel_err(butterfly_to_dense(dw.float()), (g.float().T @ x.float()) * mask),
         }
         rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", **errs})
     return rows
@@ -131,12 +124,12 @@ def main():
     kernel_rows, layer_rows = check_kernels(), check_layer()
     print("\nbf16 kernels, relative error vs fp32 reference (limit 1e-2)")
     for r in kernel_rows:
-        print(f"  {r['shape']:<34} " + "  ".join(f"{name} {err:.2e}" for name, err in r.items() if name != "shape"))
+        print(f"  {r['shape']:<34} fwd {r['fwd']:.2e}  dX {r['dX']:.2e}  dW {r['dW']:.2e}")
     print("PixelflyLinear(768->3072, bs=16, k=2, r=32) under bf16 autocast, relative error vs fp32")
     for r in layer_rows:
         print(f"  gate={r['gate']!s:<5} {r['tensor']:<12} triton {r['triton']:.2e}   reference in bf16 {r['bf16_reference']:.2e}"
               f"   {'ok' if r['ok'] else 'FAIL'}")
-    ok = all(err <= 1e-2 for r in kernel_rows for name, err in r.items() if name != "shape") and all(r["ok"] for r in layer_rows)
+    ok = all(max(r["fwd"], r["dX"], r["dW"]) <= 1e-2 for r in kernel_rows) and all(r["ok"] for r in layer_rows)
     print(f"  => {'PASS' if ok else 'FAIL'}", flush=True)
     timing = time_mlp_shapes()
     print("\n16384 tokens, bf16, PixelflyLinear bs=16 k=2 (18.75% sparse) vs nn.Linear")

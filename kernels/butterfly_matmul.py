@@ -164,57 +164,11 @@ def _butterfly_mm_kernel(
 
 
 @triton.jit
-def _dw_accumulate(
-    g_desc, x_desc, g_ptr, x_ptr, z_ptr, dz_ptr, r, partner, q0, p0, M, Q, P, RANK,
-    stride_gm, stride_xm, stride_zm, stride_dzm,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr, LOWRANK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """The K loop (over tokens) of one dW tile; with LOWRANK also this tile's share of dU = dY^T Z (q rows x rank)
-    and of dV^T = X^T dZ (p columns x rank), from the dY and X slabs the tile loads anyway."""
-    offs_q = q0 + tl.arange(0, BLOCK_M)
-    offs_p = p0 + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, RANK_BLOCK)
-    mask_q = offs_q < Q
-    mask_p = offs_p < P
-    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_N, RANK_BLOCK), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
-        mask_k = offs_k + k0 < M
-        if USE_TMA:
-            g = g_desc.load([k0, r * Q + q0]).T
-            x = x_desc.load([k0, partner * P + p0])
-        else:
-            g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
-        if LOWRANK:
-            mask_kr = mask_k[:, None] & (offs_r < RANK)[None, :]
-            z = tl.load(z_ptr + (k0 + offs_k)[:, None] * stride_zm + offs_r[None, :], mask=mask_kr, other=0.0)
-            dz = tl.load(dz_ptr + (k0 + offs_k)[:, None] * stride_dzm + offs_r[None, :], mask=mask_kr, other=0.0)
-            if UPCAST:
-                z = z.to(tl.float32)
-                dz = dz.to(tl.float32)
-            acc_u = tl.dot(g, z, acc_u, input_precision=DOT_PRECISION)
-            acc_v = tl.dot(tl.trans(x), dz, acc_v, input_precision=DOT_PRECISION)
-        g_ptrs += BLOCK_K * stride_gm
-        x_ptrs += BLOCK_K * stride_xm
-    return acc, acc_u, acc_v
-
-
-@triton.jit
 def _butterfly_dw_kernel(
-    g_ptr, x_ptr, dw_ptr, z_ptr, dz_ptr, du_ptr, dv_ptr,
-    M, Q, P, B, RANK,
-    stride_gm, stride_xm, stride_zm, stride_dzm, stride_dvr,
-    F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    g_ptr, x_ptr, dw_ptr,
+    M, Q, P, B,
+    stride_gm, stride_xm,
+    F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # autotuner key (see the forward kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -225,48 +179,34 @@ def _butterfly_dw_kernel(
     j = pid_rj % F
     partner = r ^ ((1 << j) >> 1)
     tiles_p = tl.cdiv(P, BLOCK_N)
-    tile_q = pid_t // tiles_p
-    tile_p = pid_t % tiles_p
-    q0 = tile_q * BLOCK_M
-    p0 = tile_p * BLOCK_N
+    offs_q = (pid_t // tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = (pid_t % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_q = offs_q < Q
+    mask_p = offs_p < P
+    g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
     if USE_TMA:
         # tiles that run past a patch edge read the neighbour patch; those rows/columns are masked at the store
         g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, B * Q], strides=[stride_gm, 1], block_shape=[BLOCK_K, BLOCK_M])
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, B * P], strides=[stride_xm, 1], block_shape=[BLOCK_K, BLOCK_N])
-    else:
-        g_desc, x_desc = g_ptr, x_ptr  # unused
-    # dU's rows of patch r come from the diagonal slot's first column tile, dV's columns of patch r from its first
-    # row tile: the low-rank gradients ride along in the programs that already read dY[:, r] and X[:, r]
-    # (two copies of the K loop, chosen per program, so the other programs' loop carries no low-rank work)
-    if RANK_BLOCK > 0:
-        extras = (j == 0) & ((tile_p == 0) | (tile_q == 0))
-        if extras:
-            acc, acc_u, acc_v = _dw_accumulate(
-                g_desc, x_desc, g_ptr, x_ptr, z_ptr, dz_ptr, r, partner, q0, p0, M, Q, P, RANK, stride_gm, stride_xm,
-                stride_zm, stride_dzm, UPCAST, DOT_PRECISION, RANK_BLOCK, True, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        if USE_TMA:
+            g = g_desc.load([k0, r * Q + (pid_t // tiles_p) * BLOCK_M]).T
+            x = x_desc.load([k0, partner * P + (pid_t % tiles_p) * BLOCK_N])
         else:
-            acc, acc_u, acc_v = _dw_accumulate(
-                g_desc, x_desc, g_ptr, x_ptr, z_ptr, dz_ptr, r, partner, q0, p0, M, Q, P, RANK, stride_gm, stride_xm,
-                stride_zm, stride_dzm, UPCAST, DOT_PRECISION, RANK_BLOCK, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
-    else:
-        acc, acc_u, acc_v = _dw_accumulate(
-            g_desc, x_desc, g_ptr, x_ptr, z_ptr, dz_ptr, r, partner, q0, p0, M, Q, P, RANK, stride_gm, stride_xm,
-            stride_zm, stride_dzm, UPCAST, DOT_PRECISION, 16, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
-    offs_q = q0 + tl.arange(0, BLOCK_M)
-    offs_p = p0 + tl.arange(0, BLOCK_N)
-    mask_q = offs_q < Q
-    mask_p = offs_p < P
+            mask_k = offs_k + k0 < M
+            g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+        g_ptrs += BLOCK_K * stride_gm
+        x_ptrs += BLOCK_K * stride_xm
     dw_ptrs = dw_ptr + pid_rj * Q * P + offs_q[:, None] * P + offs_p[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
-    if RANK_BLOCK > 0:
-        offs_r = tl.arange(0, RANK_BLOCK)
-        mask_r = offs_r < RANK
-        if extras & (tile_p == 0):  # dU (out x rank): rows r * Q + q
-            du_ptrs = du_ptr + (r * Q + offs_q)[:, None] * RANK + offs_r[None, :]
-            tl.store(du_ptrs, acc_u.to(du_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_r[None, :])
-        if extras & (tile_q == 0):  # dV (rank x in): columns r * P + p, from the transposed accumulator
-            dv_ptrs = dv_ptr + offs_r[None, :] * stride_dvr + (r * P + offs_p)[:, None]
-            tl.store(dv_ptrs, acc_v.to(dv_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
 
 
 def _tile(n: int, lo: int, hi: int) -> int:
@@ -344,7 +284,7 @@ _butterfly_mm_tuned = triton.autotune(
 
 _butterfly_dw_tuned = triton.autotune(
     configs=DW_CONFIGS,
-    key=["M", "Q", "P", "F", "RANK_BLOCK", "TMA_ALIGNED"],
+    key=["M", "Q", "P", "F", "TMA_ALIGNED"],
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "Q", "P", "M", None)},
     cache_results=True,
 )(_butterfly_dw_kernel)
@@ -488,16 +428,6 @@ def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=N
 
 def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
     """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
-    return _launch_dw(grad, x, n_slots, butterfly_size, None, None, out, config)[0]
-
-
-def butterfly_matmul_dw_lowrank(grad, x, z, dz, n_slots: int, butterfly_size: int, out=None, config=None):
-    """(dW, dU, dV) in one launch: dW as `butterfly_matmul_dw`, dU = dY^T Z (out, rank) and dV = dZ^T X (rank, in),
-    computed by the programs that read dY[:, r] and X[:, r] for the diagonal slot anyway."""
-    return _launch_dw(grad, x, n_slots, butterfly_size, z, dz, out, config)
-
-
-def _launch_dw(grad, x, n_slots, butterfly_size, z, dz, out, config):
     _check("grad", grad, 2)
     _check("input", x, 2)
     if grad.shape[0] != x.shape[0]:
@@ -508,27 +438,15 @@ def _launch_dw(grad, x, n_slots, butterfly_size, z, dz, out, config):
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
     dw = _output(out, (B, F, q, p), x)
-    rank = 0 if z is None else z.shape[1]
-    if rank:
-        if dz is None or tuple(dz.shape) != tuple(z.shape) or z.shape[0] != M:
-            raise ValueError(f"z and dz must both be ({M}, rank); got {tuple(z.shape)} and "
-                             f"{None if dz is None else tuple(dz.shape)}")
-        z = z if z.stride(1) == 1 else z.contiguous()
-        dz = dz if dz.stride(1) == 1 else dz.contiguous()
-        du = torch.empty(B * q, rank, device=x.device, dtype=grad.dtype)
-        dv = torch.empty(rank, B * p, device=x.device, dtype=grad.dtype)
-    else:
-        z = dz = du = dv = x  # unused
 
     def grid(meta):
         return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"])
 
-    args = (grad, x, dw, z, dz, du, dv, M, q, p, B, rank, grad.stride(0), x.stride(0), z.stride(0), dz.stride(0),
-            dv.stride(0))
-    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype),
-                  RANK_BLOCK=max(16, triton.next_power_of_2(rank)) if rank else 0, TMA_ALIGNED=_tma_aligned(grad, x))
+    args = (grad, x, dw, M, q, p, B, grad.stride(0), x.stride(0))
+    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x))
+
     def default():
         return _tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3
 
     _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
-    return (dw, du, dv) if rank else (dw, None, None)
+    return dw

@@ -58,14 +58,6 @@ def butterfly_mm_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly
     return _impl(backend).butterfly_matmul_dw(grad, x, n_slots, butterfly_size)
 
 
-@triton_op("pixelfly::butterfly_mm_dw_lowrank", mutates_args=())
-def butterfly_mm_dw_lowrank(
-    grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, n_slots: int, butterfly_size: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dW, dU, dV) of Y = X @ S^T + Z @ U^T with Z = X @ V^T, given dZ = dY @ U: one launch on the triton backend."""
-    return _impl(backend).butterfly_matmul_dw_lowrank(grad, x, z, dz, n_slots, butterfly_size)
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lowrank_u, lowrank_v, backend = inputs
     ctx.save_for_backward(x, weight, lowrank_u, lowrank_v, output[1])
@@ -78,26 +70,19 @@ def _backward(ctx, grad, grad_z):
     grad = grad.contiguous()
     needs = ctx.needs_input_grad
     lowrank = lowrank_u is not None
-    # all of W, U and V trained (the usual case): dU and dV ride in the dW launch
-    fused = lowrank and needs[1] and needs[3] and needs[4]
     dz = grad @ lowrank_u if lowrank and (needs[0] or needs[4]) else None
     if dz is not None and grad_z is not None:  # Z used outside the op too
         dz = dz + grad_z
     dx = dw = dbias = du = dv = None
     if needs[0]:
         dx = butterfly_mm_t(grad, weight, dz, lowrank_v, ctx.backend)
-    n_slots, butterfly_size = weight.shape[1], weight.shape[0]
-    if fused:
-        dw, du, dv = butterfly_mm_dw_lowrank(grad, x, z, dz, n_slots, butterfly_size, ctx.backend)
-    elif needs[1]:
-        dw = butterfly_mm_dw(grad, x, n_slots, butterfly_size, ctx.backend)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
+    if needs[1]:
+        dw = butterfly_mm_dw(grad, x, weight.shape[1], weight.shape[0], ctx.backend).to(weight.dtype)
     if ctx.has_bias and needs[2]:
         dbias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    if lowrank and needs[3] and not fused:
+    if lowrank and needs[3]:
         du = grad.T @ z
-    if lowrank and needs[4] and not fused:
+    if lowrank and needs[4]:
         dv = dz.T @ x
     return dx, dw, dbias, du, dv, None
 

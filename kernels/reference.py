@@ -58,11 +58,6 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     return torch.einsum("tbq,tbfp->bfqp", grad_tiles, x_tiles).to(x.dtype).contiguous()
 
 
-def butterfly_matmul_dw_lowrank(grad, x, z, dz, n_slots: int, butterfly_size: int):
-    """(dW, dU, dV): dW as `butterfly_matmul_dw`, dU = dY^T Z (out, rank), dV = dZ^T X (rank, in)."""
-    return butterfly_matmul_dw(grad, x, n_slots, butterfly_size), grad.T @ z, dz.T @ x
-
-
 def butterfly_to_dense(weight: torch.Tensor) -> torch.Tensor:
     """The (out x in) dense matrix with the stored tiles in place and zeros elsewhere."""
     B, F, q, p = weight.shape

@@ -35,7 +35,7 @@ def cases():
         for config in kernels.MM_CONFIGS:
             yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
     for config in kernels.DW_CONFIGS:
-        yield "dW", kernels._butterfly_dw_kernel, config, dict(F=3, UPCAST=False, DOT_PRECISION="tf32", RANK_BLOCK=32, TMA_ALIGNED=True), ()
+        yield "dW", kernels._butterfly_dw_kernel, config, dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True), ()
 
 
 def main():

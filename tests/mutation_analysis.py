@@ -37,15 +37,12 @@ def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, 
             "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0}
 
 
-def dw_args(tma, rank, tokens=256, B=4, F=3, q=64, p=64):
+def dw_args(tma, tokens=256, B=4, F=3, q=64, p=64):
     g, x, dw = torch.randn(tokens, B * q), torch.randn(tokens, B * p), torch.empty(B, F, q, p)
-    z, dz = torch.randn(tokens, max(rank, 1)), torch.randn(tokens, max(rank, 1))
-    du, dv = torch.empty(B * q, max(rank, 1)), torch.empty(max(rank, 1), B * p)
-    values = (g, x, dw, z, dz, du, dv, tokens, q, p, B, rank, g.stride(0), x.stride(0), z.stride(0), dz.stride(0),
-              dv.stride(0))
+    values = (g, x, dw, tokens, q, p, B, g.stride(0), x.stride(0))
     args = dict(zip(kernels._butterfly_dw_kernel.arg_names, values))
-    return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "RANK_BLOCK": 32 if rank else 0,
-            "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma}
+    return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "TMA_ALIGNED": True, "BLOCK_M": 64,
+            "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma}
 
 
 def cases():
@@ -53,8 +50,7 @@ def cases():
         yield (f"forward tma={tma} persistent={persistent} tma_store={tma_store}", kernels._butterfly_mm_kernel.fn,
                forward_args(tma, persistent, tma_store))
     for tma in (False, True):
-        for rank in (0, 32):
-            yield f"dW tma={tma} rank={rank}", kernels._butterfly_dw_kernel, dw_args(tma, rank)
+        yield f"dW tma={tma}", kernels._butterfly_dw_kernel, dw_args(tma)
 
 
 def main():

@@ -127,30 +127,6 @@ def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, fl
     assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < tol
 
 
-@pytest.mark.parametrize("impl,config", [
-    pytest.param("reference", None, id="reference"),
-    *(pytest.param("triton", config, marks=BACKENDS[1].marks, id=name) for name, config in
-      (("triton-default", None), ("triton-32x32", (32, 32, 16, 4, 1)), ("triton-32x32-tma", (32, 32, 16, 4, 1, True))))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape,rank", [((70, 192, 384, 4, 1), 24), ((45, 384, 192, 4, 2), 32), ((33, 256, 128, 8, 3), 8)],
-                         ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"r{s}")
-def test_dw_launch_with_lowrank_gradients_matches_float64(impl, config, dtype, shape, rank):
-    """dU = dY^T Z and dV = dZ^T X ride in the dW launch: dU's rows come from each patch's first column tile, dV's
-    columns from its first row tile. 32x32 tiles split the 96/48-wide patches into several of each, so a row or
-    column taken from the wrong tile, or never written, shows here. Ranks below the 16/32 rank block check the masks."""
-    torch.manual_seed(zlib.crc32(repr((impl, dtype, shape, rank, config)).encode()))
-    layout, weight, dense, x, grad = make_case(*shape, dtype)
-    z, dz = torch.randn(x.shape[0], rank).to(dtype), torch.randn(x.shape[0], rank).to(dtype)
-    kwargs = {} if impl == "reference" else {"out": torch.full_like(weight, float("nan")), "config": config}
-    dw, du, dv = IMPLS[impl].butterfly_matmul_dw_lowrank(grad, x, z, dz, layout.n_tiles_per_row, layout.butterfly_size, **kwargs)
-    tol = TOLERANCE[dtype]
-    dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
-    assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < tol
-    assert du.shape == (layout.out_features, rank) and dv.shape == (rank, layout.in_features)
-    assert rel_err(du, grad.double().T @ z.double()) < tol
-    assert rel_err(dv, dz.double().T @ x.double()) < tol
-
-
 def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     """Before 32-wide tiles existed, a 32-wide patch (1024 -> 4096 at butterfly size 32) got one 64x32x32 config;
     patches that 64 divides must not pay tuning time for 32-wide tiles."""

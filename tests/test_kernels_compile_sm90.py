@@ -42,13 +42,10 @@ def test_torch_compile_reads_exactly_the_outputs_as_written():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 8
+    assert len(rows) == 6
     for case, row in rows.items():
         if case.startswith("forward"):  # TMA-descriptor stores included
             assert row["writes"] == ["out_ptr"], row
             assert row["reads"] == ["a_ptr", "bias_ptr", "l_ptr", "w_ptr", "z_ptr"], row
-        elif case.endswith("rank=32"):  # dU and dV from the dW launch
-            assert row["writes"] == ["du_ptr", "dv_ptr", "dw_ptr"], row
-            assert row["reads"] == ["dz_ptr", "g_ptr", "x_ptr", "z_ptr"], row
         else:
             assert row["writes"] == ["dw_ptr"] and row["reads"] == ["g_ptr", "x_ptr"], row
