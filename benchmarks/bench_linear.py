@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import triton
 
 from pixelfly_hf import PixelflyLinear
-from timing import median_ms  # benchmarks/timing.py
+import timing  # benchmarks/timing.py
+from timing import median_ms
 from pixelfly_kernels import butterfly_matmul as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
@@ -154,9 +155,10 @@ def roofline_ms(tokens, in_f, out_f, density, dense_ms, bandwidth_gbs, elem=2):
     return sum(max(density * t, bytes_per_product / bandwidth_gbs / 1e6) for t in dense_ms)
 
 
-def run(tokens, shapes, layouts, device, dtype, rank=32, on_shape=lambda rows, tuning, bandwidth: None):
+def run(tokens, shapes, layouts, device, dtype, rank=32, on_shape=lambda rows, tuning, bandwidth: None, layers=True):
     """Measure every (shape, layout); after each shape, on_shape(rows so far, tuning so far, bandwidth) reports them,
-    so a run cut short by a time limit keeps what it measured."""
+    so a run cut short by a time limit keeps what it measured. layers=False: the bare products only (dense, ours,
+    gathered cuBLAS, ours + low rank), without the autograd layers (PixelflyLinear, Monarch) and torch BSR."""
     rows, tuning = [], []
     bandwidth = copy_bandwidth_gbs(device, 2**29 if device.type == "cuda" else 2**20)
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
@@ -213,6 +215,8 @@ def run(tokens, shapes, layouts, device, dtype, rank=32, on_shape=lambda rows, t
                          "dw_ms": lr_times[2], "total_ms": lr_total, "tflops": lr_flops / lr_total / 1e9,
                          "pct_dense": 100 * lr_flops / lr_total / 1e9 / dense_tflops, "speedup": d_total / lr_total,
                          "lowrank_overhead_pct": 100 * (lr_total / total - 1)})
+            if not layers:
+                continue
             # the full layer through autograd, sparse only and with the rank-32 low-rank term
             for layer_rank in (0, rank):
                 layer = PixelflyLinear(in_f, out_f, bias=False, butterfly_size=bs, n_factors=k, rank=layer_rank, block_size=16,
@@ -297,11 +301,15 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", help="subset, e.g. 4096x4096 1024x4096 (in x out)")
     parser.add_argument("--layouts", nargs="+", help="subset, e.g. 16x2 (butterfly_size x n_factors)")
     parser.add_argument("--lowrank-breakdown", action="store_true", help="time each piece of the r=32 term instead")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time calls replayed from a CUDA graph (GPU time alone, no Python launch in between); "
+                             "the bare products only, without the eager layer, Monarch and BSR rows")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no timing: one table (and --json/--plot) from runs split over several GPU calls")
     args = parser.parse_args(argv)
+    timing.CUDA_GRAPHS = args.cuda_graphs
     if args.merge:
         merge(args.merge, args.json, args.plot)
         return
@@ -339,10 +347,11 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                           "tokens": tokens, "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
+                           "tokens": tokens, "timing": "cuda graph" if args.cuda_graphs else "do_bench",
+                           "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
                            "chosen_configs": chosen_configs()}, f, indent=1)
 
-    rows, tuning, _ = run(tokens, shapes, layouts, device, dtype, on_shape=report)
+    rows, tuning, _ = run(tokens, shapes, layouts, device, dtype, on_shape=report, layers=not args.cuda_graphs)
     print("first call (compile + autotune) per layout:", ", ".join(f"{t['shape']} {t['layout']}: {t['first_call_s']:.1f}s" for t in tuning))
     print_lowrank_overheads(rows)
     if args.plot:

@@ -5,6 +5,12 @@ import time
 import torch
 
 
+# False: triton's do_bench, one launch at a time from Python (what an eager caller gets; a launch whose host side
+# outlasts do_bench's L2 flush is timed with the GPU idle). True: the calls replayed from a CUDA graph, so the time
+# is the GPU's alone (what a compiled model under CUDA graphs gets); the input sets still rotate inside the graph.
+CUDA_GRAPHS = False
+
+
 def median_ms(fn, input_sets, warmup=25, rep=100):
     """Median ms of fn(*inputs), cycling through several input sets so the L2 cache does not serve them."""
     state = {"i": 0}
@@ -17,6 +23,9 @@ def median_ms(fn, input_sets, warmup=25, rep=100):
         return cpu_median_ms(step)
     import triton.testing
 
+    if CUDA_GRAPHS:
+        step()  # compile and autotune outside the capture
+        return triton.testing.do_bench_cudagraph(step, rep=rep, return_mode="median")
     return triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
 
 

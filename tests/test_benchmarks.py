@@ -44,6 +44,17 @@ def test_bench_linear_dry_run_times_every_implementation(tmp_path):
     assert result["copy_bandwidth_gbs"] > 0 and (tmp_path / "lin.png").stat().st_size > 10_000
 
 
+def test_bench_linear_cuda_graphs_times_the_bare_products_only(tmp_path):
+    """--cuda-graphs (GPU time without Python launches in between) drops the eager-layer rows and says how it timed;
+    on CPU only the plumbing is checked (no graphs there)."""
+    run_script("bench_linear.py", "--dry-run", "--cuda-graphs", "--shapes", "64x128", "--json", str(tmp_path / "g.json"),
+               hf_home=tmp_path, TRITON_INTERPRET="1")
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["timing"] == "cuda graph"
+    assert [r["impl"] for r in result["rows"]] == ["dense cuBLAS", "pixelfly kernels", "cuBLAS bmm, pre-gathered (ceiling)",
+                                                   "pixelfly kernels + r=32"]
+
+
 def test_bench_linear_keeps_the_finished_shapes_when_cut_short(tmp_path, monkeypatch):
     """A GPU call has a time limit; session 4 lost a 10-minute run that printed and saved only at the end."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
