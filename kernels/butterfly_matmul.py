@@ -102,8 +102,17 @@ def _mm_tile(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _pow2_divisor(n: int, cap: int = 16) -> int:
+    """The largest power of 2, up to cap, that divides n."""
+    return min(n & -n, cap) if n else cap
+
+
 @triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
-                     "EVEN_N": lambda args: args["N_PATCH"] % args["BLOCK_N"] == 0})
+                     "EVEN_N": lambda args: args["N_PATCH"] % args["BLOCK_N"] == 0,
+                     "K_ALIGN": lambda args: _pow2_divisor(args["K_PATCH"]),
+                     "N_ALIGN": lambda args: _pow2_divisor(args["N_PATCH"]),
+                     "WN_ALIGN": lambda args: _pow2_divisor(args["stride_wn"]),
+                     "WK_ALIGN": lambda args: _pow2_divisor(args["stride_wk"])})
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
@@ -116,7 +125,15 @@ def _butterfly_mm_kernel(
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr,
+    K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, WN_ALIGN: tl.constexpr, WK_ALIGN: tl.constexpr,
 ):
+    # Triton knows an integer argument is a multiple of 16 or nothing; patches 24 or 40 wide (768- and 1280-wide
+    # models at butterfly size 32) then made every load and store go element by element, with no async copies.
+    # The *_ALIGN constexprs (largest power of 2 up to 16 dividing the value) say what is true; the values are unchanged.
+    K_PATCH = (K_PATCH // K_ALIGN) * K_ALIGN
+    N_PATCH = (N_PATCH // N_ALIGN) * N_ALIGN
+    stride_wn = (stride_wn // WN_ALIGN) * WN_ALIGN
+    stride_wk = (stride_wk // WK_ALIGN) * WK_ALIGN
     if USE_TMA:
         # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
         # weight; rows past a slot's end in the forward only feed output columns that the store masks off.
@@ -163,6 +180,7 @@ def _butterfly_mm_kernel(
                  EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
 
 
+@triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"])})
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
@@ -171,7 +189,10 @@ def _butterfly_dw_kernel(
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # autotuner key (see the forward kernel)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    Q_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr,
 ):
+    Q = (Q // Q_ALIGN) * Q_ALIGN  # the patch widths' divisibility, as in the forward kernel
+    P = (P // P_ALIGN) * P_ALIGN
     # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
     pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
     pid_t = tl.program_id(1)

@@ -5,6 +5,8 @@ The arguments get the specialisations the JIT gives them at run time: 16-byte di
 strides as constants.
 """
 import json
+import re
+import sys
 import traceback
 
 import triton
@@ -14,7 +16,8 @@ from triton.compiler import ASTSource
 from pixelfly_kernels import butterfly_matmul as kernels
 
 SM90 = GPUTarget("cuda", 90, 32)
-MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1)
+MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1,
+                 K_ALIGN=16, N_ALIGN=16)
 
 
 def compile_sm90(jit_fn, config, constants, not_divisible=()):
@@ -31,14 +34,45 @@ def cases():
     for partner_weight in (False, True):
         # forward reads the weight transposed (unit stride along K), dX as stored (unit stride along N)
         unit_stride = "stride_wn" if partner_weight else "stride_wk"
-        constants = {**MM_COMMON, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight, unit_stride: 1}
+        aligns = {"WN_ALIGN": 1, "WK_ALIGN": 16} if partner_weight else {"WN_ALIGN": 16, "WK_ALIGN": 1}
+        constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight, unit_stride: 1}
         for config in kernels.MM_CONFIGS:
             yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
     for config in kernels.DW_CONFIGS:
-        yield "dW", kernels._butterfly_dw_kernel, config, dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True), ()
+        yield "dW", kernels._butterfly_dw_kernel.fn, config, dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True,
+                                                                  Q_ALIGN=16, P_ALIGN=16), ()
+
+
+def narrow_patch_cases():
+    """Forward, dX and dW where a patch is 40 or 24 wide (1280- and 768-wide models at butterfly size 32): Triton
+    proves nothing about such sizes, so the kernels get their divisibility from the *_ALIGN constexprs, computed by
+    the same heuristics as at run time."""
+    pointer = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": False, "PERSISTENT": False,
+                             "TMA_STORE": False, "GROUP_M": 0}, num_warps=4, num_stages=4)
+    dw_pointer = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": False}, num_warps=4, num_stages=4)
+    align = kernels._pow2_divisor
+    for q, p in ((160, 40), (96, 24)):
+        for partner_weight in (False, True):
+            n_patch, k_patch = (p, q) if partner_weight else (q, p)
+            strides = {"stride_wn": 1, "stride_wk": p} if partner_weight else {"stride_wn": p, "stride_wk": 1}
+            unit, other = ("stride_wn", "stride_wk") if partner_weight else ("stride_wk", "stride_wn")
+            constants = {**MM_COMMON, "RANK_BLOCK": 0, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight,
+                         unit: 1, "EVEN_K": False, "EVEN_N": False, "K_ALIGN": align(k_patch), "N_ALIGN": align(n_patch),
+                         "WN_ALIGN": align(strides["stride_wn"]), "WK_ALIGN": align(strides["stride_wk"])}
+            yield (f"{'dX' if partner_weight else 'forward'} q={q} p={p}", kernels._butterfly_mm_kernel.fn, pointer,
+                   constants, ("NUM_PROGRAMS", "N_PATCH", "K_PATCH", other))
+        dw_constants = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=False, Q_ALIGN=align(q), P_ALIGN=align(p))
+        yield f"dW q={q} p={p}", kernels._butterfly_dw_kernel.fn, dw_pointer, dw_constants, ("Q", "P")
 
 
 def main():
+    if sys.argv[1:] == ["--narrow-patches"]:
+        for name, jit_fn, config, constants, not_divisible in narrow_patch_cases():
+            ptx = compile_sm90(jit_fn, config, constants, not_divisible).asm["ptx"]
+            print(json.dumps({"case": name, "async_copies_16_bytes": len(re.findall(r"cp\.async\.cg\.shared\.global.*0x10", ptx)),
+                              "two_byte_accesses": len(re.findall(r"(?:ld|st)\.global(?:\.\w+)*\.b16", ptx)),
+                              "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx))}), flush=True)
+        return
     for product, jit_fn, config, constants, not_divisible in cases():
         row = {"product": product, "config": str(config), "tma": config.kwargs["USE_TMA"]}
         try:

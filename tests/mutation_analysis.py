@@ -34,15 +34,16 @@ def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, 
     args = dict(zip(kernels._butterfly_mm_kernel.fn.arg_names, values))
     return {**args, "F": F, "PARTNER_WEIGHT": False, "HAS_BIAS": True, "RANK_BLOCK": 32, "UPCAST": False,
             "DOT_PRECISION": "tf32", "EVEN_K": True, "EVEN_N": True, "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64,
-            "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0}
+            "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0,
+            "K_ALIGN": 16, "N_ALIGN": 16, "WN_ALIGN": 16, "WK_ALIGN": 1}
 
 
 def dw_args(tma, tokens=256, B=4, F=3, q=64, p=64):
     g, x, dw = torch.randn(tokens, B * q), torch.randn(tokens, B * p), torch.empty(B, F, q, p)
     values = (g, x, dw, tokens, q, p, B, g.stride(0), x.stride(0))
-    args = dict(zip(kernels._butterfly_dw_kernel.arg_names, values))
+    args = dict(zip(kernels._butterfly_dw_kernel.fn.arg_names, values))
     return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "TMA_ALIGNED": True, "BLOCK_M": 64,
-            "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma}
+            "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma, "Q_ALIGN": 16, "P_ALIGN": 16}
 
 
 def cases():
@@ -50,7 +51,7 @@ def cases():
         yield (f"forward tma={tma} persistent={persistent} tma_store={tma_store}", kernels._butterfly_mm_kernel.fn,
                forward_args(tma, persistent, tma_store))
     for tma in (False, True):
-        yield f"dW tma={tma}", kernels._butterfly_dw_kernel, dw_args(tma)
+        yield f"dW tma={tma}", kernels._butterfly_dw_kernel.fn, dw_args(tma)
 
 
 def main():
