@@ -1,19 +1,21 @@
 """Pixelfly linear layer on the GPU: forward, dX, dW against dense cuBLAS, torch BSR and a Monarch-style layer.
 
-    python benchmarks/bench_linear.py [--tokens 16384] [--json PATH] [--plot PATH] [--quick]
+    python benchmarks/bench_linear.py [--tokens 16384] [--json PATH] [--plot PATH] [--quick] [--cuda-graphs]
     TRITON_INTERPRET=1 python benchmarks/bench_linear.py --dry-run      # CPU smoke test: tiny shapes, fp32
 
 For each shape and flat butterfly layout (densities 9.4%, 18.75%, 25%, 37.5%): medians of triton's do_bench
-over rotating input sets (the L2 never holds them), bf16. TFLOP/s count the nonzero FLOPs (2 * tokens * stored
-weights per product); "% dense" compares that rate with cuBLAS's on the dense matrix; "speedup" is dense
-time / our time. "pixelfly kernels + r=32" adds the rank-32 low-rank term the way the layer's op computes it (Z = X Vᵀ
-and dZ = dY U as cuBLAS GEMMs, U and V fused into the sparse kernels as an extra K segment, dU = dYᵀ Z and
-dV = dZᵀ X as cuBLAS GEMMs after the dW kernel), so its ratio to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same
-nonzero FLOPs as cuBLAS batched GEMMs on input patches gathered before timing: the rate cuBLAS itself gets at this
-K, i.e. what "% dense" can reach on this structure. "% roofline" = our time / the floor, where each product's floor is the larger of its nonzero
-FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y once, the stored
-weights once) at the copy bandwidth measured in the same run. Autotuning happens on the first call of each kernel and is timed separately (Triton caches
-the result on disk, so a second run skips it).
+over rotating input sets (the L2 never holds them), bf16; with --cuda-graphs, medians of the same calls replayed
+from a CUDA graph (GPU time only: short kernels launched one by one from Python can leave the GPU idle).
+TFLOP/s count the nonzero FLOPs (2 * tokens * stored weights per product); "% dense" compares that rate with
+cuBLAS's on the dense matrix; "speedup" is dense time / our time. "pixelfly kernels + r=32" adds the rank-32
+low-rank term the way the layer's op computes it (Z = X Vᵀ and dZ = dY U as cuBLAS GEMMs, U and V fused into the
+sparse kernels as an extra K segment, dU = dYᵀ Z and dV = dZᵀ X as cuBLAS GEMMs after the dW kernel), so its ratio
+to the row above is what the low-rank term costs. "cuBLAS bmm, pre-gathered (ceiling)" runs the same nonzero FLOPs
+as cuBLAS batched GEMMs on input patches gathered before timing: the rate cuBLAS itself gets at this K, i.e. what
+"% dense" can reach on this structure. "% roofline" = our time / the floor, where each product's floor is the
+larger of its nonzero FLOPs at cuBLAS's rate for that product on the dense matrix and its compulsory bytes (X and Y
+once, the stored weights once) at the copy bandwidth measured in the same run. Autotuning happens on the first
+call of each kernel and is timed separately (Triton caches the result on disk, so a second run skips it).
 """
 import argparse
 import json
@@ -374,7 +376,8 @@ def merge(paths, json_path, plot_path):
     print_lowrank_overheads(rows)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"merged_from": [{"path": path, **{k: run[k] for k in ("device", "torch", "triton", "tokens")}}
+            keep = ("device", "torch", "triton", "tokens", "timing", "chosen_configs")  # per run: picks differ by run
+            json.dump({"merged_from": [{"path": path, **{k: run[k] for k in keep if k in run}}
                                        for path, run in zip(paths, runs)], "rows": rows,
                        "tuning": [t for run in runs for t in run.get("tuning", [])]}, f, indent=1)
     if plot_path:

@@ -97,6 +97,7 @@ def test_bench_linear_merges_runs_split_over_calls(tmp_path):
     parts = [json.loads((tmp_path / f"{shape}.json").read_text())["rows"] for shape in ("64x128", "128x64")]
     assert merged["rows"] == parts[0] + parts[1] and {r["shape"] for r in parts[1]} == {"128->64"}
     assert len(merged["merged_from"]) == 2 and "low-rank term's cost" in proc.stdout
+    assert all("chosen_configs" in run and run["timing"] == "do_bench" for run in merged["merged_from"])
     assert (tmp_path / "all.png").stat().st_size > 10_000
 
 
