@@ -56,10 +56,11 @@ def test_bench_linear_cuda_graphs_times_the_bare_products_only(tmp_path):
 
 
 def test_probe_attention_kernel_matches_masked_sdpa_in_the_interpreter(tmp_path):
-    """The own-kernel probe (issue 4) is a GPU go/no-go measurement; its kernel must be right before it is timed."""
+    """The own-kernel probe (issue 4) is a GPU go/no-go measurement; its kernels (output, dQ, dK, dV) must be right
+    before they are timed."""
     proc = run_script("probe_attention_kernel.py", "--dry-run", hf_home=tmp_path, TRITON_INTERPRET="1")
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 4 and all(err < 1e-4 for err in errors.values()), errors
+    assert len(errors) == 16 and all(err < 1e-4 for err in errors.values()), errors
 
 
 def test_probe_attention_kernel_refuses_patterns_with_partial_blocks(monkeypatch):
@@ -67,8 +68,9 @@ def test_probe_attention_kernel_refuses_patterns_with_partial_blocks(monkeypatch
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import probe_attention_kernel as probe
 
-    table, n_full = probe.block_tables(512, probe.PatternSpec(128, None, 3, 128), True, "cpu")
-    assert n_full.tolist() == [0, 1, 2, 3] and table[3, :3].tolist() == [0, 1, 2]  # the diagonal is masked apart
+    tables = probe.block_tables(512, probe.PatternSpec(128, None, 3, 128), True, "cpu")
+    assert tables.n_rows.tolist() == [0, 1, 2, 3] and tables.rows[3, :3].tolist() == [0, 1, 2]  # diagonal apart
+    assert tables.n_cols.tolist() == [3, 2, 1, 0] and tables.cols[0, :3].tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="partial blocks"):
         probe.block_tables(512, probe.PatternSpec(128, None, 3, 64), True, "cpu")
 
