@@ -242,7 +242,7 @@ def block_tables(seq_len: int, spec: PatternSpec, causal: bool, device) -> Block
 def _launch(kernel, tuned, grid_rows, args, meta, config):
     """Autotuned on the GPU; a fixed (BLOCK_M, BLOCK_N) in the interpreter or when given."""
     if config is None and not INTERPRET:
-        tuned[lambda m: grid_rows(m)](*args, **meta)
+        tuned[grid_rows](*args, **meta)
     else:
         bm, bn = config or (64, 64)
         kernel[grid_rows({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
