@@ -4,8 +4,9 @@
 
 Under do_bench a product shorter than its launch measures the host (bench_linear's short rows), and eager
 training pays that host time every step. This prints microseconds of host time per call, nothing waiting for the
-GPU, for: a cuBLAS matmul; an empty Triton kernel; our forward through the autotuner; the same compiled kernel
-launched directly (the floor of any launcher of ours); the forward as a torch custom op; the dX product called
+GPU, for: a cuBLAS matmul; an empty Triton kernel; our forward through Triton's launch path (our launch cache
+cleared before each call) and as a repeat call; the same compiled kernel launched directly (the floor of any
+launcher); the forward as a torch custom op; the dX product called
 from the main thread, from a worker thread, and from autograd's backward, which on CUDA runs in the engine's own
 thread (session 5's profile charged 0.63 ms of self CPU to each backward dX call). Then cProfile's top functions
 for the dX call on the main thread and inside the backward.
@@ -90,6 +91,7 @@ def main():
         return compiled_kernel
 
     jit.run = capture
+    kernels._LAUNCHES.clear()  # so the call goes through Triton's path
     kernels.butterfly_matmul(x, w)
     jit.run = original_run
     launch_direct = captured["kernel"][tuple(captured["grid"]) + (1,) * (3 - len(captured["grid"]))]
@@ -123,7 +125,9 @@ def main():
     rows = {
         "cuBLAS torch.mm forward": host_us(lambda: torch.mm(x, dense_w.t())),
         "empty Triton kernel": host_us(lambda: _empty_kernel[(1,)](small, 16)),
-        "forward, autotuned launcher": host_us(lambda: kernels.butterfly_matmul(x, w)),
+        "forward, Triton's launch path (autotuner, heuristics, binding)":
+            host_us(lambda: (kernels._LAUNCHES.clear(), kernels.butterfly_matmul(x, w))),
+        "forward, our launcher (repeat call)": host_us(lambda: kernels.butterfly_matmul(x, w)),
         "forward, compiled kernel launched directly": host_us(lambda: launch_direct(*direct_values)),
         "forward, torch custom op": host_us(lambda: torch.ops.pixelfly.butterfly_mm(x, w, None, None, None, "triton")),
         "dX, main thread": host_us(lambda: kernels.butterfly_matmul_t(g, w)),
@@ -136,7 +140,7 @@ def main():
     rows["dX in backward, net"] = rows["autograd clone + backward with dX"] - rows["autograd clone + backward (no kernel)"]
     print(f"{args.in_f}->{args.out_f} bs={args.butterfly_size} tokens={args.tokens}: host microseconds per call")
     for name, us in rows.items():
-        print(f"  {name:<45} {us:8.1f}")
+        print(f"  {name:<64} {us:8.1f}")
 
     main_prof = cProfile.Profile()
     main_prof.enable()

@@ -177,3 +177,42 @@ def test_fused_low_rank_segment(impl, rank):
     full = dense + u.double() @ v.double()
     assert rel_err(y, x.double() @ full.T) < 1e-5
     assert rel_err(dx, grad.double() @ full) < 1e-5
+
+
+@pytest.mark.gpu
+def test_repeat_launches_bypass_the_autotuner_and_use_their_own_tensors(monkeypatch):
+    """The second call of a shape goes straight to the compiled kernel (session 6: Triton's launch path cost more
+    host time than the kernels ran). It must compute with the new call's tensors, and a base address 16 bytes do not
+    divide (which rules out TMA) must get a launch of its own, not the aligned one's."""
+    torch.manual_seed(5)
+    layout, weight, dense, _, _ = make_case(517, 640, 1280, 8, 2, torch.float32)  # odd token count, 80x160 tiles
+    bs, slots = 8, 3
+    w = weight.cuda().bfloat16()
+
+    def fresh(tokens, features, misaligned=False):
+        buffer = torch.empty(tokens * features + misaligned, device="cuda", dtype=torch.bfloat16)
+        t = buffer[int(misaligned):].view(tokens, features)
+        assert (t.data_ptr() % 16 == 0) != misaligned
+        return t.copy_(torch.randn(tokens, features))
+
+    def check_all(misaligned):
+        x, g = fresh(517, 640, misaligned), fresh(517, 1280, misaligned)
+        outs = [torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16) for shape in ((517, 1280), (517, 640))]
+        triton_impl.butterfly_matmul(x, w, out=outs[0])
+        triton_impl.butterfly_matmul_t(g, w, out=outs[1])
+        dw = triton_impl.butterfly_matmul_dw(g, x, slots, bs)
+        xd, gd = x.double().cpu(), g.double().cpu()
+        assert rel_err(outs[0].cpu(), xd @ dense.T) < 1e-2
+        assert rel_err(outs[1].cpu(), gd @ dense) < 1e-2
+        assert rel_err(dw.cpu(), reference.butterfly_matmul_dw(gd, xd, slots, bs)) < 1e-2
+
+    check_all(misaligned=False)  # tunes, compiles, caches
+    tuned = (triton_impl._butterfly_mm_tuned, triton_impl._butterfly_dw_tuned)
+    for t in tuned:
+        monkeypatch.setattr(t, "run", lambda *a, **k: pytest.fail("a repeat launch went through the autotuner"))
+    check_all(misaligned=False)  # new tensors, same signature: cached launches only
+    monkeypatch.undo()
+    check_all(misaligned=True)  # new signature: through the autotuner again
+    for t in tuned:
+        monkeypatch.setattr(t, "run", lambda *a, **k: pytest.fail("a repeat launch went through the autotuner"))
+    check_all(misaligned=True)
