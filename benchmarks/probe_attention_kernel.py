@@ -7,9 +7,10 @@ FlexAttention visits this pattern at 0.43-0.51 of cuDNN's rate per tile; 2.5x ov
 0.58. The pattern is static, so a kernel can take each query block's key blocks (and, for dK/dV, each key block's
 query blocks) from small tables built once, and mask only the causal diagonal tile. This script times such kernels
 (forward saving the log-sum-exp; backward as FlashAttention-2: one kernel for dK/dV per key tile, one for dQ per
-query tile) next to SDPA and Flex at S = 4096, batch 4, 16 heads, bf16, and prints the per-tile rate against SDPA.
-At >= 0.6 the kernels are worth moving into kernels/ (benchmarks/NOTES.md, "our own kernel"); below, the route is
-dropped. Outputs and gradients are checked against fp32 SDPA with the pattern as a boolean mask.
+query tile) next to SDPA and Flex at S = 4096, batch 4, 16 heads, bf16, under do_bench and replayed from a CUDA
+graph, and prints the per-tile rate against SDPA. At >= 0.6 the kernels are worth moving into kernels/
+(benchmarks/NOTES.md, "our own kernel"). Session 6 measured 0.52 causal / 0.63 bidirectional at d = 64, below Flex
+at d = 128: the route stays here. Outputs and gradients are checked against fp32 SDPA with the pattern as a mask.
 """
 import argparse
 import json
@@ -101,11 +102,10 @@ def _row_dot(o_ptr, do_ptr, delta_ptr, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, query0, offs_n, offs_d, stride_s,
-                qk_scale, scale, MASK: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr):
-    """dK and dV contributions of one pattern block of queries, BLOCK_M at a time (P recomputed from the LSE);
-    DQ_ATOMIC: also add this tile's dQ share into an fp32 buffer (two products fewer than a dQ kernel's recompute)."""
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, query0, offs_n, offs_d, stride_s, qk_scale,
+                MASK: tl.constexpr, PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """dK and dV contributions of one pattern block of queries, BLOCK_M at a time (P recomputed from the LSE).
+    Adding dQ here atomically instead of in a kernel of its own measured no faster (benchmarks/NOTES.md)."""
     for sub in tl.static_range(0, PATTERN_BLOCK, BLOCK_M):
         offs_m = query0 + sub + tl.arange(0, BLOCK_M)
         q_t = _rows_t(q_base, offs_m, offs_d, stride_s, UPCAST)
@@ -116,19 +116,16 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, qu
         if MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q_t.dtype)
-        dk = tl.dot(ds_t, tl.trans(q_t), dk)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(ds_t), k) * scale
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_s + offs_d[None, :], dq, sem="relaxed")
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk)
     return dk, dv
 
 
 @triton.jit
-def _attention_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cols_ptr, n_cols_ptr,
+def _attention_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cols_ptr, n_cols_ptr,
                     qk_scale, scale, S, stride_s, width,
                     D: tl.constexpr, CAUSAL: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     base = bh.to(tl.int64) * S * stride_s
     kb = (pid_n * BLOCK_N) // PATTERN_BLOCK
@@ -138,15 +135,15 @@ def _attention_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_
     v = _rows(v_ptr + base, offs_n, offs_d, stride_s, UPCAST)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
-    q_base, do_base, dq_base = q_ptr + base, do_ptr + base, dq_ptr + base
+    q_base, do_base = q_ptr + base, do_ptr + base
     lse_base, delta_base = lse_ptr + bh.to(tl.int64) * S, delta_ptr + bh.to(tl.int64) * S
     for i in range(tl.load(n_cols_ptr + kb)):
         query0 = tl.load(cols_ptr + kb * width + i) * PATTERN_BLOCK
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, query0, offs_n, offs_d,
-                             stride_s, qk_scale, scale, False, PATTERN_BLOCK, BLOCK_M, DQ_ATOMIC, UPCAST)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, query0, offs_n, offs_d, stride_s,
+                             qk_scale, False, PATTERN_BLOCK, BLOCK_M, UPCAST)
     if CAUSAL:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, kb * PATTERN_BLOCK, offs_n,
-                             offs_d, stride_s, qk_scale, scale, True, PATTERN_BLOCK, BLOCK_M, DQ_ATOMIC, UPCAST)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kb * PATTERN_BLOCK, offs_n, offs_d,
+                             stride_s, qk_scale, True, PATTERN_BLOCK, BLOCK_M, UPCAST)
     out = base + offs_n[:, None] * stride_s + offs_d[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty))
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty))
@@ -198,15 +195,14 @@ def _configs(tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
 
 
-_KEY = ["width", "D", "CAUSAL", "DQ_ATOMIC"]
+_KEY = ["width", "D", "CAUSAL"]
 _fwd_tuned = triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                        (64, 64, 4, 4), (64, 128, 4, 3)]), key=_KEY)(_attention_fwd)
 # (query rows per step, key rows per program) for dK/dV; (query rows per program, key rows per step) for dQ
-# the dQ buffer is zeroed before each tuning run: with DQ_ATOMIC the kernel adds into it
 _dkdv_tuned = triton.autotune(_configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)]),
-                              key=_KEY, reset_to_zero=["dq_ptr"])(_attention_dkdv)
+                              key=_KEY)(_attention_dkdv)
 _dq_tuned = triton.autotune(_configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]),
-                            key=["width", "D", "CAUSAL"])(_attention_dq)
+                            key=_KEY)(_attention_dq)
 
 
 class BlockTables(NamedTuple):
@@ -255,11 +251,10 @@ def _launch(kernel, tuned, grid_rows, args, meta, config):
 
 
 class PixelflyAttention(torch.autograd.Function):
-    """q, k, v: (B, H, S, D) contiguous, S a multiple of the pattern block. config: fixed tiles for every kernel.
-    atomic_dq: dQ added up by the dK/dV kernel in fp32 instead of computed by a kernel of its own."""
+    """q, k, v: (B, H, S, D) contiguous, S a multiple of the pattern block. config: fixed tiles for every kernel."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tables, causal, scale, pattern_block=128, config=None, atomic_dq=False):
+    def forward(ctx, q, k, v, tables, causal, scale, pattern_block=128, config=None):
         B, H, S, D = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(B * H, S, device=q.device, dtype=torch.float32)
@@ -267,7 +262,7 @@ class PixelflyAttention(torch.autograd.Function):
         args = (q, k, v, out, lse, tables.rows, tables.n_rows, scale * LOG2E, S, D, tables.rows.shape[1])
         _launch(_attention_fwd, _fwd_tuned, lambda m: (S // m["BLOCK_M"], B * H), args, meta, config)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tables, ctx.scale, ctx.meta, ctx.config, ctx.atomic_dq = tables, scale, meta, config, atomic_dq
+        ctx.tables, ctx.scale, ctx.meta, ctx.config = tables, scale, meta, config
         return out
 
     @staticmethod
@@ -277,17 +272,13 @@ class PixelflyAttention(torch.autograd.Function):
         grad, t, scale = grad.contiguous(), ctx.tables, ctx.scale
         delta = torch.empty_like(lse)
         _row_dot[(B * H * S // 128,)](out, grad, delta, D=D, BLOCK=128)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if ctx.atomic_dq else torch.empty_like(q)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = (scale * LOG2E, scale, S, D, t.rows.shape[1])
         _launch(_attention_dkdv, _dkdv_tuned, lambda m: (S // m["BLOCK_N"], B * H),
-                (q, k, v, grad, lse, delta, dk, dv, dq, t.cols, t.n_cols, *common), {**ctx.meta, "DQ_ATOMIC": ctx.atomic_dq},
-                ctx.config)
-        if ctx.atomic_dq:
-            return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
+                (q, k, v, grad, lse, delta, dk, dv, t.cols, t.n_cols, *common), ctx.meta, ctx.config)
         _launch(_attention_dq, _dq_tuned, lambda m: (S // m["BLOCK_M"], B * H),
                 (q, k, v, grad, lse, delta, dq, t.rows, t.n_rows, *common), ctx.meta, ctx.config)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def errors_vs_masked_sdpa(attn, q, k, v, grad, spec, causal, scale):
@@ -313,11 +304,11 @@ def dry_run():
     for causal in (True, False):
         q, k, v, grad = (torch.randn(1, 2, 512, 32) for _ in range(4))
         tables = block_tables(512, spec, causal, "cpu")
-        for config, atomic_dq in (((64, 64), False), ((32, 128), False), ((64, 64), True)):
+        for config in ((64, 64), (32, 128)):
             errs = errors_vs_masked_sdpa(lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, 32 ** -0.5,
-                                                                                 128, config, atomic_dq),
+                                                                                 128, config),
                                          q, k, v, grad, spec, causal, 32 ** -0.5)
-            errors.update({f"causal={causal} tiles={config} atomic_dq={atomic_dq} {name}": err for name, err in errs.items()})
+            errors.update({f"causal={causal} tiles={config} {name}": err for name, err in errs.items()})
     print(json.dumps(errors))
     return errors
 
@@ -349,7 +340,7 @@ def main(argv=None):
         sys.exit(0 if all(err < 1e-4 for err in errors.values()) else 1)  # NaN fails too
 
     S, B, H, spec, rows = 4096, 4, 16, PatternSpec(128, None, 3, 128), []
-    ours = ("flex_g128", "own", "own_atomic_dq")
+    ours = ("flex_g128", "own")
     for causal in (True, False):
         tables = block_tables(S, spec, causal, "cuda")
         density = block_density(S, spec, causal)
@@ -359,12 +350,9 @@ def main(argv=None):
             scale = d ** -0.5
             variants = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal),
                         "flex_g128": lambda a, b, c: flex_pixelfly_attention(a, b, c, spec, causal, scale),
-                        "own": lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, scale),
-                        "own_atomic_dq": lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, scale, 128,
-                                                                                 None, True)}
+                        "own": lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, scale)}
             row = dict(causal=causal, head_dim=d, density=density,
-                       errors={n: errors_vs_masked_sdpa(variants[n], q, k, v, grad, spec, causal, scale)
-                               for n in ("own", "own_atomic_dq")})
+                       own_errors=errors_vs_masked_sdpa(variants["own"], q, k, v, grad, spec, causal, scale))
             for timing in ("do_bench", "cuda_graph"):
                 ms = {name: timed(attn, q, k, v, grad, timing == "cuda_graph") for name, attn in variants.items()}
                 row[timing] = dict(fwd_ms={n: t[0] for n, t in ms.items()}, fwd_bwd_ms={n: t[1] for n, t in ms.items()},
@@ -383,8 +371,7 @@ def main(argv=None):
                               for n in ("sdpa", *ours))
             print(f"  causal={r['causal']!s:<5} d={r['head_dim']:<4} {cells}")
     for r in rows:
-        print(f"  causal={r['causal']!s:<5} d={r['head_dim']:<4} max error "
-              + "  ".join(f"{n} {max(e.values()):.1e}" for n, e in r["errors"].items()))
+        print(f"  causal={r['causal']!s:<5} d={r['head_dim']:<4} own max error {max(r['own_errors'].values()):.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),

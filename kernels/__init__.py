@@ -11,6 +11,6 @@ if __name__ != "pixelfly_kernels" and importlib.util.find_spec("pixelfly_kernels
 
     sys.modules[__name__] = pixelfly_kernels
 else:
-    from .ops import BACKENDS, butterfly_mm, butterfly_mm_dw, butterfly_mm_t
+    from .ops import BACKENDS, butterfly_linear, butterfly_mm, butterfly_mm_dw, butterfly_mm_t
 
-    __all__ = ["BACKENDS", "butterfly_mm", "butterfly_mm_t", "butterfly_mm_dw"]
+    __all__ = ["BACKENDS", "butterfly_linear", "butterfly_mm", "butterfly_mm_t", "butterfly_mm_dw"]

@@ -1,9 +1,10 @@
 """The butterfly products as torch custom ops with autograd.
 
-They are `triton_op`s: eager calls run the Python body directly; torch.compile traces the body, so Inductor
-launches the Triton kernels from its own generated code (no Python per call, CUDA-graph friendly) and no graph
-breaks. `backend` picks the implementation inside the op: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or
-"reference" (plain PyTorch, any device).
+They are `triton_op`s: torch.compile traces their bodies, so Inductor launches the Triton kernels from its own
+generated code (no Python per call, CUDA-graph friendly) and no graph breaks. Eager callers use `butterfly_linear`,
+which runs the same forward and backward through a plain autograd.Function: the custom-op dispatch and its generated
+backward node cost more host time per call than the short kernels run (benchmarks/NOTES.md, v15). `backend` picks
+the implementation: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device).
 """
 from typing import Optional
 
@@ -39,6 +40,10 @@ def butterfly_mm(
     The low-rank term rides in the sparse kernel as one extra K segment: only the skinny Z is a separate
     GEMM, and Y is written once.
     """
+    return _forward(x, weight, bias, lowrank_u, lowrank_v, backend)
+
+
+def _forward(x, weight, bias, lowrank_u, lowrank_v, backend):
     z = x @ lowrank_v.T if lowrank_v is not None else None
     y = _impl(backend).butterfly_matmul(x, weight, bias, z, lowrank_u)
     return y, z if z is not None else x.new_empty(0)
@@ -63,6 +68,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lowrank_u, lowrank_v, output[1])
     ctx.has_bias = bias is not None
     ctx.backend = backend
+    ctx.direct = False  # the backward calls the ops (traceable), not the launchers
 
 
 def _backward(ctx, grad, grad_z):
@@ -74,10 +80,13 @@ def _backward(ctx, grad, grad_z):
     if dz is not None and grad_z is not None:  # Z used outside the op too
         dz = dz + grad_z
     dx = dw = dbias = du = dv = None
+    impl = _impl(ctx.backend)
     if needs[0]:
-        dx = butterfly_mm_t(grad, weight, dz, lowrank_v, ctx.backend)
+        dx = (impl.butterfly_matmul_t(grad, weight, dz, lowrank_v) if ctx.direct
+              else butterfly_mm_t(grad, weight, dz, lowrank_v, ctx.backend))
     if needs[1]:
-        dw = butterfly_mm_dw(grad, x, weight.shape[1], weight.shape[0], ctx.backend).to(weight.dtype)
+        dw = (impl.butterfly_matmul_dw(grad, x, weight.shape[1], weight.shape[0]) if ctx.direct
+              else butterfly_mm_dw(grad, x, weight.shape[1], weight.shape[0], ctx.backend)).to(weight.dtype)
     if ctx.has_bias and needs[2]:
         dbias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
     if lowrank and needs[3]:
@@ -88,3 +97,24 @@ def _backward(ctx, grad, grad_z):
 
 
 butterfly_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DirectButterflyMM(torch.autograd.Function):
+    """butterfly_mm's forward and backward without the custom-op dispatch (eager calls)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lowrank_u, lowrank_v, backend):
+        out = _forward(x, weight, bias, lowrank_u, lowrank_v, backend)
+        _setup_context(ctx, (x, weight, bias, lowrank_u, lowrank_v, backend), out)
+        ctx.direct = True
+        return out
+
+    backward = staticmethod(_backward)
+
+
+def butterfly_linear(x, weight, bias, lowrank_u, lowrank_v, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """butterfly_mm (same arguments and results): the op while torch.compile or torch.jit traces, the launchers
+    through an autograd.Function otherwise."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return butterfly_mm(x, weight, bias, lowrank_u, lowrank_v, backend)
+    return _DirectButterflyMM.apply(x, weight, bias, lowrank_u, lowrank_v, backend)

@@ -252,6 +252,32 @@ def test_torch_compile_fullgraph_matches_eager():
     assert torch.allclose(grad_compiled, layer.weight.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_skip_the_custom_op_and_match_it(backend, monkeypatch):
+    """Eager layers run the products through an autograd.Function, not the custom op (whose dispatch cost more host
+    time than the kernels run, session 6); the op stays what torch.compile traces. Both must give the same output
+    and the same gradients for every input, the low-rank factors included."""
+    from pixelfly_kernels import ops
+
+    torch.manual_seed(12)
+    x, w, b = torch.randn(37, 128), torch.randn(8, 3, 32, 16), torch.randn(256)
+    u, v = torch.randn(256, 8), torch.randn(8, 128)
+    grad = torch.randn(37, 256)
+
+    def run(fn):
+        ins = [t.clone().requires_grad_() for t in (x, w, b, u, v)]
+        y, _ = fn(*ins, backend)
+        y.backward(grad)
+        return [y.detach()] + [t.grad for t in ins]
+
+    through_op = run(ops.butterfly_mm)
+    for name in ("butterfly_mm", "butterfly_mm_t", "butterfly_mm_dw"):
+        monkeypatch.setattr(ops, name, lambda *a, _name=name: pytest.fail(f"an eager call went through the {_name} op"))
+    direct = run(ops.butterfly_linear)
+    for got, want in zip(direct, through_op):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_tma_alignment_check_works_while_tracing():
     """torch.compile traces the triton_op bodies with fake tensors, which have no address (a data_ptr() there
     broke compiled Pixelfly models on the GPU): the check must decide from strides and storage offsets."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_kernels import BACKENDS, butterfly_mm
+from pixelfly_kernels import BACKENDS, butterfly_linear
 from pixelfly_kernels.reference import butterfly_to_dense, dense_to_butterfly
 
 from ..patterns import FlatButterflyLayout, validate_rank
@@ -113,7 +113,7 @@ class PixelflyLinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension; expected {self.in_features}")
         lead_shape = x.shape[:-1]
         device_type = x.device.type
-        # custom ops get no autocast rule: cast to the autocast dtype here, as F.linear would
+        # the kernels get no autocast rule: cast to the autocast dtype here, as F.linear would
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         x2 = x.reshape(-1, self.in_features).to(dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
@@ -122,9 +122,9 @@ class PixelflyLinear(nn.Module):
         u = self.lowrank_u.to(dtype) if self.rank else None
         v = self.lowrank_v.to(dtype) if self.rank else None
         if self.gate is None:
-            y, _ = butterfly_mm(x2, weight, bias, u, v, backend)
+            y, _ = butterfly_linear(x2, weight, bias, u, v, backend)
         else:
-            sparse, _ = butterfly_mm(x2, weight, None, None, None, backend)
+            sparse, _ = butterfly_linear(x2, weight, None, None, None, backend)
             g = torch.sigmoid(F.linear(x2, self.gate.weight.to(dtype), self.gate.bias.to(dtype)))
             y = torch.lerp(sparse, F.linear(F.linear(x2, v), u), g) if self.rank else sparse * (1 - g)
             if bias is not None:
