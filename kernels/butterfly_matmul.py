@@ -34,7 +34,7 @@ def _mm_tile(
     stride_wr, stride_wj, stride_wn, stride_wk,
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     out_desc, STORE_BY_DESC: tl.constexpr,
 ):
@@ -50,8 +50,9 @@ def _mm_tile(
     a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries
-    k_steps = tl.cdiv(K_PATCH, BLOCK_K)
+    # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0: BLOCK_K
+    # does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
+    k_steps = K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K)
     for step in range(0, F * k_steps):
         j = step // k_steps
         k0 = (step - j * k_steps) * BLOCK_K
@@ -66,7 +67,7 @@ def _mm_tile(
                 w = w_desc.load([(partner * F + j) * K_PATCH + k0, n0])
             else:
                 w = w_desc.load([(r * F + j) * N_PATCH + n0, k0]).T
-        elif EVEN_K:
+        elif EVEN_K or TAIL_K > 0:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
         else:
@@ -77,6 +78,20 @@ def _mm_tile(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if TAIL_K > 0:
+        # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
+        # full-width step masked to a fraction (80-wide patches: 64 + 16, not 2 x 64 with 48 of them masked)
+        offs_t = k_steps * BLOCK_K + tl.arange(0, TAIL_K)
+        for j in tl.static_range(F):
+            partner = r ^ ((1 << j) >> 1)
+            w_row = partner if PARTNER_WEIGHT else r
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_t[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_t[:, None] * stride_wk,
+                        mask=mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if RANK_BLOCK > 0:
         # the low-rank term as one more K segment: Z (M x rank) times the factor's columns of this patch
         offs_r = tl.arange(0, RANK_BLOCK)
@@ -107,12 +122,20 @@ def _pow2_divisor(n: int, cap: int = 16) -> int:
     return min(n & -n, cap) if n else cap
 
 
+def _k_tail(k_patch: int, block_k: int) -> int:
+    """Width of each slot's last K step when block_k does not divide the patch: the rest, if it is a power of 2 of
+    at least 16 (one tensor-core step); else 0, and a masked full-width step takes it."""
+    rest = k_patch % block_k
+    return rest if rest >= 16 and rest & (rest - 1) == 0 else 0
+
+
 @triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
                      "EVEN_N": lambda args: args["N_PATCH"] % args["BLOCK_N"] == 0,
                      "K_ALIGN": lambda args: _pow2_divisor(args["K_PATCH"]),
                      "N_ALIGN": lambda args: _pow2_divisor(args["N_PATCH"]),
                      "WN_ALIGN": lambda args: _pow2_divisor(args["stride_wn"]),
-                     "WK_ALIGN": lambda args: _pow2_divisor(args["stride_wk"])})
+                     "WK_ALIGN": lambda args: _pow2_divisor(args["stride_wk"]),
+                     "TAIL_K": lambda args: _k_tail(args["K_PATCH"], args["BLOCK_K"])})
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
@@ -125,7 +148,7 @@ def _butterfly_mm_kernel(
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr,
-    K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, WN_ALIGN: tl.constexpr, WK_ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, WN_ALIGN: tl.constexpr, WK_ALIGN: tl.constexpr, TAIL_K: tl.constexpr,
 ):
     # Triton knows an integer argument is a multiple of 16 or nothing; patches 24 or 40 wide (768- and 1280-wide
     # models at butterfly size 32) then made every load and store go element by element, with no async copies.
@@ -135,8 +158,9 @@ def _butterfly_mm_kernel(
     stride_wn = (stride_wn // WN_ALIGN) * WN_ALIGN
     stride_wk = (stride_wk // WK_ALIGN) * WK_ALIGN
     if USE_TMA:
-        # bulk tensor copies (Hopper TMA). Needs EVEN_K (a K tile never crosses a patch edge) and a contiguous
-        # weight; rows past a slot's end in the forward only feed output columns that the store masks off.
+        # bulk tensor copies (Hopper TMA). Needs K tiles that never cross a patch edge (EVEN_K, or TAIL_K: the
+        # rest goes by pointer loads) and a contiguous weight; rows past a slot's end in the forward only feed
+        # output columns that the store masks off.
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, B * K_PATCH], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
         if PARTNER_WEIGHT:  # weight rows are K (q), columns N (p)
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[B * F * K_PATCH, N_PATCH], strides=[N_PATCH, 1], block_shape=[BLOCK_K, BLOCK_N])
@@ -172,12 +196,12 @@ def _butterfly_mm_kernel(
             _mm_tile(pid_m, pid_n, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                      M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                      stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                     EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                     EVEN_K, TAIL_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
     else:
         _mm_tile(tl.program_id(0), tl.program_id(1), a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                  M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                  stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                 EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                 EVEN_K, TAIL_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
 
 
 @triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"])})
@@ -272,21 +296,28 @@ MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
                  for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))])
 
 
+def _whole_k_tiles(patch_k: int, block_k: int) -> bool:
+    """Every K tile of a full-width step stays inside its patch (what TMA loads need)."""
+    return patch_k % block_k == 0 or _k_tail(patch_k, block_k) > 0
+
+
 def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | None):
     """Keep configs whose tiles are no larger than the next power of 2 of what they cover, and 32 wide only where
-    the patch is that narrow or where 32 divides it and 64 does not (96- and 160-wide patches: no masked waste, and
-    TMA becomes possible); TMA configs only where the operands are 16-byte aligned and (forward/dX) a K tile never
-    crosses a patch edge; descriptor stores only where column tiles stay inside a patch."""
+    the patch is that narrow, or where 32 divides it and 64 does not (96- and 160-wide patches: no masked waste,
+    and TMA becomes possible), or (K of the forward/dX) where 32 leaves a tail step and 64 does not (48 = 32 + 16);
+    TMA configs only where the operands are 16-byte aligned and (forward/dX) K tiles stay inside a patch;
+    descriptor stores only where column tiles stay inside a patch."""
     sizes = {"BLOCK_M": named_args[rows], "BLOCK_N": named_args[cols], "BLOCK_K": named_args[k]}
 
     def fits(c):
-        def ok(tile, size):
-            narrow_pays = size <= 32 or (size % 64 != 0 and size % 32 == 0)
+        def ok(key, tile, size):
+            tail_pays = key == "BLOCK_K" and patch_k is not None and _k_tail(size, 32) > 0 and _k_tail(size, 64) == 0
+            narrow_pays = size <= 32 or (size % 64 != 0 and (size % 32 == 0 or tail_pays))
             return tile <= max(16, triton.next_power_of_2(size)) and (tile >= 64 or narrow_pays)
-        return all(ok(c.kwargs[key], size) for key, size in sizes.items())
+        return all(ok(key, c.kwargs[key], size) for key, size in sizes.items())
 
     def tma_ok(c):
-        return named_args["TMA_ALIGNED"] and (patch_k is None or named_args[patch_k] % c.kwargs["BLOCK_K"] == 0)
+        return named_args["TMA_ALIGNED"] and (patch_k is None or _whole_k_tiles(named_args[patch_k], c.kwargs["BLOCK_K"]))
 
     def store_ok(c):
         return not c.kwargs.get("TMA_STORE") or named_args[cols] % c.kwargs["BLOCK_N"] == 0
@@ -383,9 +414,10 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
         return
     block_m, block_n, block_k, warps, stages, *flags = config or default()
     use_tma = len(flags) > 0 and bool(flags[0])
-    if use_tma and not (kwargs["TMA_ALIGNED"] and (patch_k is None or patch_k % block_k == 0)):
+    if use_tma and not (kwargs["TMA_ALIGNED"] and (patch_k is None or _whole_k_tiles(patch_k, block_k))):
         raise ValueError(f"config {config} asks for TMA, but the operands are not 16-byte aligned or block_k={block_k} "
-                         f"does not divide the patch width {patch_k}; use a config without TMA")
+                         f"leaves a rest of the patch width {patch_k} that is not a power of 2 >= 16; use a config "
+                         "without TMA")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": use_tma}
     if "NUM_PROGRAMS" in kernel.arg_names:
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])

@@ -17,7 +17,7 @@ from pixelfly_kernels import butterfly_matmul as kernels
 
 SM90 = GPUTarget("cuda", 90, 32)
 MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1,
-                 K_ALIGN=16, N_ALIGN=16)
+                 K_ALIGN=16, N_ALIGN=16, TAIL_K=0)
 
 
 def compile_sm90(jit_fn, config, constants, not_divisible=()):
@@ -65,7 +65,31 @@ def narrow_patch_cases():
         yield f"dW q={q} p={p}", kernels._butterfly_dw_kernel.fn, dw_pointer, dw_constants, ("Q", "P")
 
 
+def k_tail_cases():
+    """Forward and dX over 80-wide K patches (1280-wide models at butterfly size 16): 64-wide steps plus a 16-wide
+    tail step per slot, for the usual persistent TMA winner and a pointer config."""
+    persistent_tma = next(c for c in kernels.MM_CONFIGS if c.kwargs["PERSISTENT"] and not c.kwargs["TMA_STORE"]
+                          and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 256, 64))
+    pointer = next(c for c in kernels.MM_CONFIGS if not c.kwargs["USE_TMA"]
+                   and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 128, 64))
+    for partner_weight in (False, True):
+        unit_stride = "stride_wn" if partner_weight else "stride_wk"
+        aligns = {"WN_ALIGN": 1, "WK_ALIGN": 16} if partner_weight else {"WN_ALIGN": 16, "WK_ALIGN": 1}
+        constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight,
+                     unit_stride: 1, "EVEN_K": False, "TAIL_K": kernels._k_tail(80, 64)}
+        for config in (persistent_tma, pointer):
+            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
+
+
 def main():
+    if sys.argv[1:] == ["--k-tail"]:
+        for product, jit_fn, config, constants, not_divisible in k_tail_cases():
+            compiled = compile_sm90(jit_fn, config, constants, not_divisible)
+            ptx = compiled.asm["ptx"]
+            print(json.dumps({"product": product, "config": str(config), "tma": config.kwargs["USE_TMA"],
+                              "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
+                              "bulk_tensor_copies": "cp.async.bulk.tensor" in ptx}), flush=True)
+        return
     if sys.argv[1:] == ["--narrow-patches"]:
         for name, jit_fn, config, constants, not_divisible in narrow_patch_cases():
             ptx = compile_sm90(jit_fn, config, constants, not_divisible).asm["ptx"]

@@ -35,7 +35,7 @@ def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, 
     return {**args, "F": F, "PARTNER_WEIGHT": False, "HAS_BIAS": True, "RANK_BLOCK": 32, "UPCAST": False,
             "DOT_PRECISION": "tf32", "EVEN_K": True, "EVEN_N": True, "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64,
             "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0,
-            "K_ALIGN": 16, "N_ALIGN": 16, "WN_ALIGN": 16, "WK_ALIGN": 1}
+            "K_ALIGN": 16, "N_ALIGN": 16, "WN_ALIGN": 16, "WK_ALIGN": 1, "TAIL_K": 0}
 
 
 def dw_args(tma, tokens=256, B=4, F=3, q=64, p=64):

@@ -148,14 +148,47 @@ def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     fwd_96 = offered(384, 96)
     assert (128, 256, 32, True) in fwd_96 and {n for _, n, _, _ in fwd_96} >= {128, 256} and 32 not in {n for _, n, _, _ in fwd_96}
     assert (128, 32, 64, True) in offered(96, 384)  # its dX: 32-wide N tiles 96 exactly
+    # K patches no power-of-2 tile divides: 48 = 32 + a 16-wide tail step (64 would mask a quarter of a step), 80 =
+    # 64 + 16; both with TMA for the whole steps. 40 leaves 8 either way: masked steps, no TMA
+    fwd_48 = offered(192, 48)
+    assert (128, 128, 32, True) in fwd_48 and {k for _, _, k, _ in fwd_48} == {32, 64}
+    fwd_80 = offered(320, 80)
+    assert (128, 256, 64, True) in fwd_80 and {k for _, _, k, _ in fwd_80} == {64}
+    assert not any(tma for *_, tma in offered(160, 40))
     dw = triton_impl._prune(triton_impl.DW_CONFIGS, dict(M=16384, Q=128, P=32, TMA_ALIGNED=True), "Q", "P", "M", None)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_k", [32, 64])
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (True, True)], ids=["pointer", "tma", "tma-persistent"])
+def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
+    """Patches 48 wide (in) and 80 wide (out): with 32-wide K steps the forward runs 32 + a 16-wide tail per slot
+    and dX 2 x 32 + 16; with 64-wide ones dX runs 64 + 16 and the forward's rest (48, no power of 2) falls back to
+    a masked step. The tails go by pointer loads beside TMA main steps; low rank and bias ride along."""
+    torch.manual_seed(zlib.crc32(repr((dtype, block_k, flags)).encode()))
+    layout, weight, dense, x, grad = make_case(29, 192, 320, 4, 2, dtype)
+    assert layout.tile_shape == (80, 48)
+    rank = 8
+    u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
+    bias = torch.randn(layout.out_features).to(dtype)
+    config = (32, 32, block_k, 4, 1, *flags)
+    # 64-wide steps leave the forward's 48 as one masked step, which TMA cannot load: pointer loads there
+    fwd_config = (32, 32, block_k, 4, 1, False, *flags[1:]) if block_k == 64 else config
+    y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=fwd_config,
+                                     out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
+    dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
+    tol = TOLERANCE[dtype] * 2
+    full = dense + u.double() @ v.double()
+    assert rel_err(y, x.double() @ full.T + bias.double()) < tol
+    assert rel_err(dx, grad.double() @ full) < tol
+    assert triton_impl._k_tail(48, 32) == 16 and triton_impl._k_tail(80, block_k) == 16 and triton_impl._k_tail(48, 64) == 0
+
+
 def test_tma_config_refused_where_it_cannot_work():
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 wide (in), 96 (out)
-    with pytest.raises(ValueError, match="block_k=32 does not divide the patch width 48"):
-        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 32, 4, 1, True))
+    with pytest.raises(ValueError, match="block_k=64 leaves a rest of the patch width 48"):
+        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 64, 4, 1, True))
     shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
