@@ -6,10 +6,10 @@ Under do_bench a product shorter than its launch measures the host (bench_linear
 training pays that host time every step. This prints microseconds of host time per call, nothing waiting for the
 GPU, for: a cuBLAS matmul; an empty Triton kernel; our forward through Triton's launch path (our launch cache
 cleared before each call) and as a repeat call; the same compiled kernel launched directly (the floor of any
-launcher); the forward as a torch custom op; the dX product called
-from the main thread, from a worker thread, and from autograd's backward, which on CUDA runs in the engine's own
-thread (session 5's profile charged 0.63 ms of self CPU to each backward dX call). Then cProfile's top functions
-for the dX call on the main thread and inside the backward.
+launcher); the forward as a torch custom op; the products' forward+backward through the eager autograd.Function
+and through the custom op; the dX product called from the main thread, from a worker thread, and from autograd's
+backward, which on CUDA runs in the engine's own thread (session 5's profile charged 0.63 ms of self CPU to each
+backward dX call). Then cProfile's top functions for the dX call on the main thread and inside the backward.
 """
 import argparse
 import cProfile
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pixelfly_hf import PixelflyLinear
+from pixelfly_kernels import butterfly_linear, butterfly_mm
 from pixelfly_kernels import butterfly_matmul as kernels
 
 
@@ -135,6 +136,11 @@ def main():
         "autograd clone + backward (no kernel)": host_us(clone_only),
         "autograd clone + backward with dX": host_us(dx_in_backward),
         "PixelflyLinear fwd+bwd": host_us(lambda: layer(x.requires_grad_()).backward(g)),
+        # the products alone, fwd+bwd (dX and dW), as eager layers run them and through the custom op
+        "products fwd+bwd, autograd.Function (eager path)":
+            host_us(lambda: butterfly_linear(x.requires_grad_(), layer.weight, None, None, None, "triton")[0].backward(g)),
+        "products fwd+bwd, custom op (compiled path, run eagerly)":
+            host_us(lambda: butterfly_mm(x.requires_grad_(), layer.weight, None, None, None, "triton")[0].backward(g)),
     }
     x.requires_grad_(False)
     rows["dX in backward, net"] = rows["autograd clone + backward with dX"] - rows["autograd clone + backward (no kernel)"]
