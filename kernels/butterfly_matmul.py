@@ -16,6 +16,7 @@ in CI without a GPU (tests/compile_sm90.py).
 """
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -364,6 +365,9 @@ def _tma_scratch(size: int, alignment: int, stream):
 # costs ~150 us of host time per call on the H200's host, more than most of these kernels run (benchmarks/NOTES.md,
 # "do_bench measures the launch"); a repeat call only puts its tensors into the list.
 _LAUNCHES = {}
+# the first call reads the autotuner's best_config after running it: one thread at a time (nn.DataParallel runs
+# replicas, and autograd the backward, in threads of their own)
+_FIRST_LAUNCH = threading.Lock()
 
 
 def _signature(args, kwargs) -> tuple:
@@ -375,9 +379,11 @@ def _launch_tuned(tuned, grid, args, kwargs):
     key = (tuned, torch.cuda.current_device(), _signature(args, kwargs))
     cached = _LAUNCHES.get(key)
     if cached is None:
-        compiled = tuned[grid](*args, **kwargs)
+        with _FIRST_LAUNCH:
+            compiled = tuned[grid](*args, **kwargs)
+            config = tuned.best_config
         # the meta-parameters as the autotuner and then the heuristics wrapper add them
-        meta = {**kwargs, **tuned.best_config.all_kwargs()}
+        meta = {**kwargs, **config.all_kwargs()}
         heuristics = tuned.fn
         for name, rule in heuristics.values.items():
             meta[name] = rule({**dict(zip(heuristics.arg_names, args)), **meta})
