@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, dense_pattern, flex_pixelfly_attention
+from tune_attention import errors_vs_masked_sdpa  # benchmarks/tune_attention.py
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -281,23 +282,6 @@ class PixelflyAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def errors_vs_masked_sdpa(attn, q, k, v, grad, spec, causal, scale):
-    """Relative Frobenius errors of the output and of dQ, dK, dV against fp32 SDPA with the pattern as a mask."""
-    ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = attn(*ins)
-    out.backward(grad)
-    ref_ins = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    mask = dense_pattern(q.shape[2], q.shape[2], spec, causal, device=q.device)
-    ref = F.scaled_dot_product_attention(*ref_ins, attn_mask=mask, scale=scale)
-    ref.backward(grad.float())
-
-    def rel(a, b):
-        return ((a.float() - b).norm() / b.norm()).item()
-
-    return {"out": rel(out.detach(), ref.detach()),
-            **{name: rel(a.grad, b.grad) for name, a, b in zip(("dq", "dk", "dv"), ins, ref_ins)}}
-
-
 def dry_run():
     """CPU, interpreter, fp32: the kernels against fp32 SDPA with the pattern as a mask, two tile shapes."""
     spec, errors = PatternSpec(128, None, 3, 128), {}
@@ -307,7 +291,7 @@ def dry_run():
         for config in ((64, 64), (32, 128)):
             errs = errors_vs_masked_sdpa(lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, 32 ** -0.5,
                                                                                  128, config),
-                                         q, k, v, grad, spec, causal, 32 ** -0.5)
+                                         (q, k, v), grad, spec, causal)
             errors.update({f"causal={causal} tiles={config} {name}": err for name, err in errs.items()})
     print(json.dumps(errors))
     return errors
@@ -352,7 +336,7 @@ def main(argv=None):
                         "flex_g128": lambda a, b, c: flex_pixelfly_attention(a, b, c, spec, causal, scale),
                         "own": lambda a, b, c: PixelflyAttention.apply(a, b, c, tables, causal, scale)}
             row = dict(causal=causal, head_dim=d, density=density,
-                       own_errors=errors_vs_masked_sdpa(variants["own"], q, k, v, grad, spec, causal, scale))
+                       own_errors=errors_vs_masked_sdpa(variants["own"], (q, k, v), grad, spec, causal))
             for timing in ("do_bench", "cuda_graph"):
                 ms = {name: timed(attn, q, k, v, grad, timing == "cuda_graph") for name, attn in variants.items()}
                 row[timing] = dict(fwd_ms={n: t[0] for n, t in ms.items()}, fwd_bwd_ms={n: t[1] for n, t in ms.items()},

@@ -57,20 +57,21 @@ def timed(attn, inputs, grad):
 
 
 def errors_vs_masked_sdpa(attn, inputs, grad, spec, causal):
-    """Relative Frobenius error of the output and of dQ against fp32 SDPA with the pattern as a boolean mask."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
-    out = attn(q, k, v)
+    """Relative Frobenius errors of the output and of dQ, dK, dV against fp32 SDPA with the pattern as a boolean
+    mask (default scale, 1/sqrt(head dim), as every caller uses)."""
+    ins = [t.detach().clone().requires_grad_() for t in inputs]
+    out = attn(*ins)
     out.backward(grad)
-    out = out.detach()
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in inputs)
-    mask = dense_pattern(q.shape[2], q.shape[2], spec, causal, device=q.device)
-    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
+    ref_ins = [t.detach().float().requires_grad_() for t in inputs]
+    mask = dense_pattern(ins[0].shape[2], ins[0].shape[2], spec, causal, device=grad.device)
+    ref = F.scaled_dot_product_attention(*ref_ins, attn_mask=mask)
     ref.backward(grad.float())
 
     def rel(a, b):
         return ((a.float() - b).norm() / b.norm()).item()
 
-    return dict(out_rel_err=rel(out, ref.detach()), dq_rel_err=rel(q.grad, q32.grad))
+    return {"out_rel_err": rel(out.detach(), ref.detach()),
+            **{f"{name}_rel_err": rel(a.grad, b.grad) for name, a, b in zip(("dq", "dk", "dv"), ins, ref_ins)}}
 
 
 def main(argv=None):
