@@ -255,7 +255,8 @@ def run(tokens, shapes, layouts, device, dtype, rank=32, on_shape=lambda rows, t
 def chosen_configs():
     """The autotuner's pick per kernel and key (tile sizes, warps, stages, TMA or pointer loads)."""
     return {name: {str(key): str(config) for key, config in tuned.cache.items()}
-            for name, tuned in (("mm", kernels._butterfly_mm_tuned), ("dw", kernels._butterfly_dw_tuned))}
+            for name, tuned in (("mm", kernels._butterfly_mm_tuned), ("dw", kernels._butterfly_dw_tuned),
+                                ("dw_split", kernels._butterfly_dw_split_tuned))}
 
 
 def print_header():

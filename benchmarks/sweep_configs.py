@@ -24,16 +24,17 @@ PRODUCTS = ("fwd", "dx", "dw")
 
 def config_tuple(config):
     kw = config.kwargs
+    flags = (("ALL_SLOTS", False), ("SPLIT_K", 1)) if "SPLIT_K" in kw else (("PERSISTENT", False), ("TMA_STORE", False), ("GROUP_M", 0))
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, kw["USE_TMA"],
-            kw.get("PERSISTENT", False), kw.get("TMA_STORE", False), kw.get("GROUP_M", 0))
+            *(kw.get(name, default) for name, default in flags))
 
 
 def candidates(product, tokens, q, p, x, g, w):
     """The configs the autotuner would try for this product (its pruning, on these tensors' alignment)."""
-    if product == "dw":
-        named = dict(M=tokens, Q=q, P=p, TMA_ALIGNED=kernels._tma_aligned(g, x))
-        kept = kernels._prune(kernels.DW_CONFIGS, named, "Q", "P", "M", None)
-        return [config_tuple(c)[:6] for c in kept]
+    if product == "dw":  # the direct kernel's configs and the token-split kernel's, whichever the launcher would pick
+        named = dict(M=tokens, Q=q, P=p, F=w.shape[1], TMA_ALIGNED=kernels._tma_aligned(g, x))
+        kept = kernels._prune_dw(kernels.DW_CONFIGS + kernels.DW_SPLIT_CONFIGS, named)
+        return list(dict.fromkeys(config_tuple(c) for c in kept))
     n_patch, k_patch = (q, p) if product == "fwd" else (p, q)
     a = x if product == "fwd" else g
     out = torch.empty(tokens, w.shape[0] * n_patch, device=a.device, dtype=a.dtype)
@@ -70,8 +71,8 @@ def sweep(tokens, in_f, out_f, bs, k, product, repeat, max_configs, device, dtyp
     rows = [{"config": list(c), "ms": times[c], "error": errors.get(c)} for c in configs]
     rows.sort(key=lambda r: min(r["ms"]) if r["ms"] else float("inf"))
     picked_ms = median_ms(lambda x, g: run(x, g, None), list(zip(xs, gs)))
-    tuned = kernels._butterfly_dw_tuned if product == "dw" else kernels._butterfly_mm_tuned
-    picks = {str(key): str(config) for key, config in tuned.cache.items()}
+    tuned = (kernels._butterfly_dw_tuned, kernels._butterfly_dw_split_tuned) if product == "dw" else (kernels._butterfly_mm_tuned,)
+    picks = {str(key): str(config) for t in tuned for key, config in t.cache.items()}
     return rows, {"ms": picked_ms, "configs": picks}
 
 
@@ -101,7 +102,8 @@ def main(argv=None):
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  {args.product} {in_f}->{out_f} "
           f"bs={bs} k={k} tokens={tokens}", flush=True)
     rows, picked = sweep(tokens, in_f, out_f, bs, k, args.product, args.repeat, max_configs, device, dtype)
-    print(f"{'config (bm, bn, bk, warps, stages, tma[, persistent, tma_store, group_m])':<72} ms per round")
+    flags = "all_slots, split_k" if args.product == "dw" else "persistent, tma_store, group_m"
+    print(f"{f'config (bm, bn, bk, warps, stages, tma, {flags})':<72} ms per round")
     for r in rows:
         print(f"{str(tuple(r['config'])):<72} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))
     print(f"autotuner's pick: {picked['ms']:.4f} ms  ({'; '.join(picked['configs'].values())})")

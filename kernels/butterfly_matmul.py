@@ -205,7 +205,8 @@ def _butterfly_mm_kernel(
                  EVEN_K, TAIL_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
 
 
-@triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"])})
+@triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"]),
+                     "SLOTS": lambda args: triton.next_power_of_2(args["F"])})
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
@@ -213,36 +214,54 @@ def _butterfly_dw_kernel(
     stride_gm, stride_xm,
     F: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # autotuner key (see the forward kernel)
+    ATOMIC: tl.constexpr,  # dw_ptr is a zeroed fp32 buffer the programs add their tiles into
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-    Q_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr,
+    ALL_SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
+    Q_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr, SLOTS: tl.constexpr,
 ):
     Q = (Q // Q_ALIGN) * Q_ALIGN  # the patch widths' divisibility, as in the forward kernel
     P = (P // P_ALIGN) * P_ALIGN
-    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p; k runs over tokens
-    pid_rj = tl.program_id(0)  # = r * F + j: one stored tile
-    pid_t = tl.program_id(1)
-    r = pid_rj // F
-    j = pid_rj % F
-    partner = r ^ ((1 << j) >> 1)
+    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p (per slot); k runs over this program's tokens
     tiles_p = tl.cdiv(P, BLOCK_N)
-    offs_q = (pid_t // tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = (pid_t % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    q0 = (tl.program_id(1) // tiles_p) * BLOCK_M
+    p0 = (tl.program_id(1) % tiles_p) * BLOCK_N
+    offs_q = q0 + tl.arange(0, BLOCK_M)
     mask_q = offs_q < Q
-    mask_p = offs_p < P
+    if ALL_SLOTS:
+        # one program per output patch r computes all F slots: the X tile is the F partner patches' column blocks
+        # side by side (F padded to SLOTS, a power of 2, and masked), so each dY tile is read once for all of them
+        r = tl.program_id(0)
+        offs_c = tl.arange(0, SLOTS * BLOCK_N)
+        slot = offs_c // BLOCK_N
+        offs_p = p0 + offs_c % BLOCK_N
+        partner = r ^ ((1 << slot) >> 1)
+        mask_p = (slot < F) & (offs_p < P)
+        stored = (r * F + slot)[None, :]  # stored tile of each column
+    else:
+        r = tl.program_id(0) // F
+        j = tl.program_id(0) % F
+        partner = r ^ ((1 << j) >> 1)
+        offs_p = p0 + tl.arange(0, BLOCK_N)
+        mask_p = offs_p < P
+        stored = tl.program_id(0)
+    # SPLIT_K > 1: this program's share of the tokens, whole BLOCK_K steps (ATOMIC adds the shares up)
+    k_share = tl.cdiv(tl.cdiv(M, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = tl.program_id(2) * k_share
+    k_end = tl.minimum(M, k_begin + k_share)
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + offs_k[None, :] * stride_gm + r * Q + offs_q[:, None]  # dY[:, r]^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + partner * P + offs_p[None, :]
-    if USE_TMA:
+    x_ptrs = x_ptr + offs_k[:, None] * stride_xm + (partner * P + offs_p)[None, :]
+    if USE_TMA:  # one slot per program (the pruning keeps TMA away from ALL_SLOTS' gathered tile)
         # tiles that run past a patch edge read the neighbour patch; those rows/columns are masked at the store
         g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, B * Q], strides=[stride_gm, 1], block_shape=[BLOCK_K, BLOCK_M])
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, B * P], strides=[stride_xm, 1], block_shape=[BLOCK_K, BLOCK_N])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, SLOTS * BLOCK_N if ALL_SLOTS else BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if USE_TMA:
-            g = g_desc.load([k0, r * Q + (pid_t // tiles_p) * BLOCK_M]).T
-            x = x_desc.load([k0, partner * P + (pid_t % tiles_p) * BLOCK_N])
+            g = g_desc.load([k0, r * Q + q0]).T
+            x = x_desc.load([k0, partner * P + p0])
         else:
-            mask_k = offs_k + k0 < M
+            mask_k = offs_k + (k0 - k_begin) < k_end
             g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
@@ -251,8 +270,11 @@ def _butterfly_dw_kernel(
         acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
         g_ptrs += BLOCK_K * stride_gm
         x_ptrs += BLOCK_K * stride_xm
-    dw_ptrs = dw_ptr + pid_rj * Q * P + offs_q[:, None] * P + offs_p[None, :]
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
+    dw_ptrs = dw_ptr + (stored * Q + offs_q[:, None]) * P + offs_p[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=mask_q[:, None] & mask_p[None, :], sem="relaxed")
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
 
 
 def _tile(n: int, lo: int, hi: int) -> int:
@@ -261,11 +283,17 @@ def _tile(n: int, lo: int, hi: int) -> int:
 
 def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None, tma_store=False, group_m=0):
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma}
-    if persistent is not None:  # the forward/dX kernel's schedule, store and order switches (the dW kernel has none)
+    if persistent is not None:  # the forward/dX kernel's schedule, store and order switches
         meta["PERSISTENT"] = persistent
         meta["TMA_STORE"] = tma_store
         meta["GROUP_M"] = group_m
     return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def _dw_config(block_m, block_n, block_k, warps, stages, tma=False, all_slots=False, split_k=1):
+    """A dW kernel config: all_slots = one program per patch computes every slot; split_k = token splits."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma,
+                          "ALL_SLOTS": all_slots, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
 
 
 # (rows, cols, k) tiles tried on the GPU; pruned to what the patch sizes can fill. For the dW kernel the
@@ -286,8 +314,18 @@ _PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 
                      (128, 128, 32, 8, 4), (256, 32, 64, 8, 4)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
 _PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
-DW_CONFIGS = ([_config(*t) for t in _TILES + _DW_SMALL_TILES + _NARROW_TILES]
-              + [_config(*t, tma=True) for t in _TMA_TILES + _NARROW_TILES])
+# dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
+# 2) x cols, at most 128 x 256
+_ALL_SLOTS_TILES = [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 32, 64, 4, 4), (128, 32, 64, 8, 4), (64, 128, 64, 4, 3),
+                    (128, 128, 64, 8, 3)]
+DW_CONFIGS = ([_dw_config(*t) for t in _TILES + _DW_SMALL_TILES + _NARROW_TILES]
+              + [_dw_config(*t, tma=True) for t in _TMA_TILES + _NARROW_TILES]
+              + [_dw_config(*t, all_slots=True) for t in _ALL_SLOTS_TILES[:2]])
+# the token-split kernel (shapes with less than a wave of tiles): partial tiles added atomically into fp32
+DW_SPLIT_CONFIGS = ([_dw_config(*t, all_slots=True, split_k=s) for t in _ALL_SLOTS_TILES for s in (1, 2, 4)]
+                    + [_dw_config(*t, split_k=s) for t in ((128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3))
+                       for s in (1, 2, 4)]
+                    + [_dw_config(128, 64, 64, 4, 4, tma=True, split_k=s) for s in (2, 4)])
 MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES]
@@ -335,12 +373,34 @@ _butterfly_mm_tuned = triton.autotune(
     cache_results=True,
 )(_butterfly_mm_kernel)
 
-_butterfly_dw_tuned = triton.autotune(
-    configs=DW_CONFIGS,
-    key=["M", "Q", "P", "F", "TMA_ALIGNED"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "Q", "P", "M", None)},
-    cache_results=True,
-)(_butterfly_dw_kernel)
+def _prune_dw(configs, named_args):
+    """_prune, and all-slot tiles only where there are several slots and the accumulator stays within 128 x 256;
+    token splits only where each share keeps at least 1024 tokens."""
+    slots = triton.next_power_of_2(named_args["F"])
+
+    def ok(c):
+        kw = c.kwargs
+        if kw["ALL_SLOTS"] and (slots == 1 or kw["USE_TMA"] or kw["BLOCK_M"] * slots * kw["BLOCK_N"] > 128 * 256):
+            return False
+        return named_args["M"] // kw["SPLIT_K"] >= 1024 or kw["SPLIT_K"] == 1
+
+    kept = [c for c in configs if ok(c)]
+    return _prune(kept or configs[:1], named_args, "Q", "P", "M", None)
+
+
+def _dw_tuned(configs, **options):
+    return triton.autotune(
+        configs=configs,
+        key=["M", "Q", "P", "F", "TMA_ALIGNED"],
+        prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune_dw(configs, {**named_args, **kw})},
+        cache_results=True,
+        **options,
+    )(_butterfly_dw_kernel)
+
+
+_butterfly_dw_tuned = _dw_tuned(DW_CONFIGS)
+# the autotuner runs every config into the same buffer: zero it before each (and before the chosen one's real run)
+_butterfly_dw_split_tuned = _dw_tuned(DW_SPLIT_CONFIGS, reset_to_zero=["dw_ptr"])
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
@@ -404,8 +464,9 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune; `default`
     is a function, so the GPU path does not pay for computing it).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m]]]]);
-    the last three only for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent.
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m]]]]) for the
+    forward/dX kernel, tma_store only with use_tma, group_m only when persistent;
+    (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) for the dW kernel.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
@@ -425,6 +486,12 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
                          f"leaves a rest of the patch width {patch_k} that is not a power of 2 >= 16; use a config "
                          "without TMA")
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": use_tma}
+    if "SPLIT_K" in kernel.arg_names:
+        meta["ALL_SLOTS"] = len(flags) > 1 and bool(flags[1])
+        meta["SPLIT_K"] = int(flags[2]) if len(flags) > 2 else 1
+        if meta["ALL_SLOTS"] and use_tma:
+            raise ValueError(f"config {config} asks for TMA and all slots per program; the gathered X tile needs "
+                             "pointer loads: set use_tma=False")
     if "NUM_PROGRAMS" in kernel.arg_names:
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
         meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
@@ -523,8 +590,18 @@ def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=N
     return _launch_mm(grad, weight, None, dz, lowrank_v, partner_weight=True, out=out, config=config)
 
 
+def _dw_token_split(tiles: int, num_sms: int) -> bool:
+    """Less than one wave of 128 x 128 dW tiles: the split kernel can spread the tokens over the idle SMs. Its
+    atomic adds sum in no fixed order, so not under torch.use_deterministic_algorithms."""
+    return tiles < num_sms and not torch.are_deterministic_algorithms_enabled()
+
+
 def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
-    """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype."""
+    """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype.
+
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) to bypass the
+    autotuner; split_k > 1 sums the token splits atomically in fp32.
+    """
     _check("grad", grad, 2)
     _check("input", x, 2)
     if grad.shape[0] != x.shape[0]:
@@ -535,15 +612,24 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     x = x if x.stride(1) == 1 else x.contiguous()
     M = x.shape[0]
     dw = _output(out, (B, F, q, p), x)
+    if config is None:
+        atomic = not INTERPRET and _dw_token_split(B * F * triton.cdiv(q, 128) * triton.cdiv(p, 128), _num_sms(x.device))
+    else:
+        atomic = len(config) > 7 and config[7] > 1
+    # the atomic kernel adds into zeroed fp32 (dW itself when it is fp32)
+    target = (dw.zero_() if dw.dtype == torch.float32 else torch.zeros(dw.shape, dtype=torch.float32, device=dw.device)) if atomic else dw
 
     def grid(meta):
-        return B * F, triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"])
+        return B * (1 if meta["ALL_SLOTS"] else F), triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"]), meta["SPLIT_K"]
 
-    args = (grad, x, dw, M, q, p, B, grad.stride(0), x.stride(0))
-    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x))
+    args = (grad, x, target, M, q, p, B, grad.stride(0), x.stride(0))
+    kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x), ATOMIC=atomic)
 
     def default():
         return _tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3
 
-    _launch(_butterfly_dw_kernel, _butterfly_dw_tuned, grid, args, kwargs, config, default)
+    tuned = _butterfly_dw_split_tuned if atomic else _butterfly_dw_tuned
+    _launch(_butterfly_dw_kernel, tuned, grid, args, kwargs, config, default)
+    if target is not dw:
+        dw.copy_(target)
     return dw

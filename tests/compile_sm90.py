@@ -20,10 +20,15 @@ MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=
                  K_ALIGN=16, N_ALIGN=16, TAIL_K=0)
 
 
+DW_COMMON = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True, Q_ALIGN=16, P_ALIGN=16, SLOTS=4)
+
+
 def compile_sm90(jit_fn, config, constants, not_divisible=()):
     names = jit_fn.arg_names
     constants = {**constants, **config.kwargs}
     signature = {n: "constexpr" if n in constants else "*bf16" if n.endswith("_ptr") else "i32" for n in names}
+    if constants.get("ATOMIC"):
+        signature["dw_ptr"] = "*fp32"  # the token-split dW adds into an fp32 buffer
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constants and n not in not_divisible}
     source = ASTSource(fn=jit_fn, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs=attrs)
@@ -38,9 +43,13 @@ def cases():
         constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight, unit_stride: 1}
         for config in kernels.MM_CONFIGS:
             yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
-    for config in kernels.DW_CONFIGS:
-        yield "dW", kernels._butterfly_dw_kernel.fn, config, dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True,
-                                                                  Q_ALIGN=16, P_ALIGN=16), ()
+    for atomic, configs in ((False, kernels.DW_CONFIGS), (True, kernels.DW_SPLIT_CONFIGS)):
+        for config in configs:
+            constants = {**DW_COMMON, "ATOMIC": atomic}
+            if config.kwargs["ALL_SLOTS"]:  # the most slots the pruning lets this tile take (accumulator <= 128 x 256)
+                slots = min(4, 128 * 256 // (config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]))
+                constants.update(F=slots, SLOTS=slots)
+            yield "dW split" if atomic else "dW", kernels._butterfly_dw_kernel.fn, config, constants, ()
 
 
 def narrow_patch_cases():
@@ -49,7 +58,7 @@ def narrow_patch_cases():
     the same heuristics as at run time."""
     pointer = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": False, "PERSISTENT": False,
                              "TMA_STORE": False, "GROUP_M": 0}, num_warps=4, num_stages=4)
-    dw_pointer = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": False}, num_warps=4, num_stages=4)
+    dw_pointer = kernels._dw_config(128, 64, 64, 4, 4)
     align = kernels._pow2_divisor
     for q, p in ((160, 40), (96, 24)):
         for partner_weight in (False, True):
@@ -61,7 +70,7 @@ def narrow_patch_cases():
                          "WN_ALIGN": align(strides["stride_wn"]), "WK_ALIGN": align(strides["stride_wk"])}
             yield (f"{'dX' if partner_weight else 'forward'} q={q} p={p}", kernels._butterfly_mm_kernel.fn, pointer,
                    constants, ("NUM_PROGRAMS", "N_PATCH", "K_PATCH", other))
-        dw_constants = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=False, Q_ALIGN=align(q), P_ALIGN=align(p))
+        dw_constants = {**DW_COMMON, "TMA_ALIGNED": False, "ATOMIC": False, "Q_ALIGN": align(q), "P_ALIGN": align(p)}
         yield f"dW q={q} p={p}", kernels._butterfly_dw_kernel.fn, dw_pointer, dw_constants, ("Q", "P")
 
 
@@ -104,7 +113,8 @@ def main():
             ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
             row.update(ok=True, shared_bytes=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx,
                        bulk_tensor_copies="cp.async.bulk.tensor" in ptx, pipelined="async_copy_global_to_local" in ttgir,
-                       bulk_tensor_stores="cp.async.bulk.tensor.2d.global" in ptx)
+                       bulk_tensor_stores="cp.async.bulk.tensor.2d.global" in ptx,
+                       vector_atomic_adds=bool(re.search(r"(?:atom|red)\.global[\w.]*\.add[\w.]*\.v[248]\.f32", ptx)))
         except Exception:
             row.update(ok=False, error=traceback.format_exc(limit=3)[-1500:])
         print(json.dumps(row), flush=True)

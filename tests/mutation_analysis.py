@@ -38,20 +38,21 @@ def forward_args(tma, persistent, tma_store, tokens=256, B=4, F=3, q=128, p=64, 
             "K_ALIGN": 16, "N_ALIGN": 16, "WN_ALIGN": 16, "WK_ALIGN": 1, "TAIL_K": 0}
 
 
-def dw_args(tma, tokens=256, B=4, F=3, q=64, p=64):
+def dw_args(tma, atomic=False, tokens=256, B=4, F=3, q=64, p=64):
     g, x, dw = torch.randn(tokens, B * q), torch.randn(tokens, B * p), torch.empty(B, F, q, p)
     values = (g, x, dw, tokens, q, p, B, g.stride(0), x.stride(0))
     args = dict(zip(kernels._butterfly_dw_kernel.fn.arg_names, values))
-    return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "TMA_ALIGNED": True, "BLOCK_M": 64,
-            "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma, "Q_ALIGN": 16, "P_ALIGN": 16}
+    return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "TMA_ALIGNED": True, "ATOMIC": atomic, "BLOCK_M": 64,
+            "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma, "ALL_SLOTS": atomic and not tma, "SPLIT_K": 2 if atomic else 1,
+            "Q_ALIGN": 16, "P_ALIGN": 16, "SLOTS": 4}
 
 
 def cases():
     for tma, persistent, tma_store in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
         yield (f"forward tma={tma} persistent={persistent} tma_store={tma_store}", kernels._butterfly_mm_kernel.fn,
                forward_args(tma, persistent, tma_store))
-    for tma in (False, True):
-        yield f"dW tma={tma}", kernels._butterfly_dw_kernel.fn, dw_args(tma)
+    for tma, atomic in ((False, False), (True, False), (False, True), (True, True)):
+        yield f"dW tma={tma} atomic={atomic}", kernels._butterfly_dw_kernel.fn, dw_args(tma, atomic)
 
 
 def main():

@@ -185,6 +185,47 @@ def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
     assert triton_impl._k_tail(48, 32) == 16 and triton_impl._k_tail(80, block_k) == 16 and triton_impl._k_tail(48, 64) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(83, 256, 512, 8, 2), (61, 192, 384, 4, 1), (45, 512, 256, 16, 3), (50, 128, 64, 4, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("flags", [(False, True, 1), (False, True, 3), (False, False, 2), (True, False, 4)],
+                         ids=["all-slots", "all-slots-split3", "split2", "tma-split4"])
+def test_dw_all_slots_and_token_splits_match_dense_masked_float64(dtype, shape, flags):
+    """The token-split dW kernel (v17): one program computing all F slots from a gathered X tile (F = 3 and 2 padded
+    to 4 and 2 columns blocks, F = 4 exact, F = 1), and token ranges split 2-4 ways whose partial tiles are added
+    atomically in fp32 (83 tokens in 3 shares of 32, 32, 19; 4 shares of 45 leave one empty). The output starts as
+    NaN: every element must be written (fp32 adds into it after zeroing it, bf16 gets a cast of an fp32 buffer)."""
+    torch.manual_seed(zlib.crc32(repr((dtype, shape, flags)).encode()))
+    layout, weight, dense, x, grad = make_case(*shape, dtype)
+    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+                                         out=torch.full_like(weight, float("nan")), config=(16, 16, 16, 4, 1, *flags))
+    dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
+    assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype]
+
+
+def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
+    """The launcher sends a dW shape to the split kernel only when 128 x 128 tiles leave SMs idle (1024 -> 4096 at
+    butterfly size 16: 96 tiles on 132 SMs), and never under torch.use_deterministic_algorithms: atomic adds sum the
+    shares in no fixed order. The split kernel's autotuner gets all-slot tiles only where they fit 128 x 256 and
+    token splits only where each share keeps 1024 tokens."""
+    assert triton_impl._dw_token_split(96, 132) and not triton_impl._dw_token_split(192, 132)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not triton_impl._dw_token_split(96, 132)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    def offered(tokens, q, p, slots):
+        kept = triton_impl._prune_dw(triton_impl.DW_SPLIT_CONFIGS, dict(M=tokens, Q=q, P=p, F=slots, TMA_ALIGNED=True))
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["ALL_SLOTS"], c.kwargs["SPLIT_K"]) for c in kept}
+
+    wide = offered(16384, 256, 64, 3)  # 1024 -> 4096 at butterfly size 16: 3 slots padded to 4 x 64 columns
+    assert {(64, 64, True, 4), (128, 64, True, 4), (128, 64, False, 1)} <= wide
+    assert not any(all_slots and m * 4 * n > 128 * 256 for m, n, all_slots, _ in wide)
+    assert {split for *_, split in offered(2000, 256, 64, 3)} == {1}
+    assert not any(all_slots for _, _, all_slots, _ in offered(16384, 256, 64, 1))  # one slot: nothing to share
+
+
 def test_tma_config_refused_where_it_cannot_work():
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 wide (in), 96 (out)
     with pytest.raises(ValueError, match="block_k=64 leaves a rest of the patch width 48"):
@@ -192,6 +233,8 @@ def test_tma_config_refused_where_it_cannot_work():
     shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
+    with pytest.raises(ValueError, match="gathered X tile needs pointer loads"):
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, True, True))
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -240,7 +283,7 @@ def test_repeat_launches_bypass_the_autotuner_and_use_their_own_tensors(monkeypa
         assert rel_err(dw.cpu(), reference.butterfly_matmul_dw(gd, xd, slots, bs)) < 1e-2
 
     check_all(misaligned=False)  # tunes, compiles, caches
-    tuned = (triton_impl._butterfly_mm_tuned, triton_impl._butterfly_dw_tuned)
+    tuned = (triton_impl._butterfly_mm_tuned, triton_impl._butterfly_dw_tuned, triton_impl._butterfly_dw_split_tuned)
     for t in tuned:
         monkeypatch.setattr(t, "run", lambda *a, **k: pytest.fail("a repeat launch went through the autotuner"))
     check_all(misaligned=False)  # new tensors, same signature: cached launches only

@@ -23,7 +23,7 @@ def test_every_config_compiles_for_sm90_with_the_hopper_instructions():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(rows) == 2 * len(kernels.MM_CONFIGS) + len(kernels.DW_CONFIGS)
+    assert len(rows) == 2 * len(kernels.MM_CONFIGS) + len(kernels.DW_CONFIGS) + len(kernels.DW_SPLIT_CONFIGS)
     failed = [(r["product"], r["config"], r["error"]) for r in rows if not r["ok"]]
     assert not failed, failed
     for r in rows:
@@ -34,6 +34,8 @@ def test_every_config_compiles_for_sm90_with_the_hopper_instructions():
         # the epilogue stores through a descriptor exactly in the configs that ask for it
         assert r["bulk_tensor_stores"] == ("TMA_STORE: True" in r["config"]), r
         assert r["shared_bytes"] <= H100_SHARED_BYTES, r
+        # the token-split dW adds its fp32 partial tiles with vector atomics (4 floats per instruction), nothing else adds
+        assert r["vector_atomic_adds"] == (r["product"] == "dW split"), r
 
 
 def test_patches_24_or_40_wide_still_get_16_byte_async_copies_and_vector_stores():
@@ -69,7 +71,7 @@ def test_torch_compile_reads_exactly_the_outputs_as_written():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 6
+    assert len(rows) == 8
     for case, row in rows.items():
         if case.startswith("forward"):  # TMA-descriptor stores included
             assert row["writes"] == ["out_ptr"], row
