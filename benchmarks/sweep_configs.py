@@ -24,7 +24,7 @@ PRODUCTS = ("fwd", "dx", "dw")
 
 def config_tuple(config):
     kw = config.kwargs
-    flags = (("ALL_SLOTS", False), ("SPLIT_K", 1)) if "SPLIT_K" in kw else (("PERSISTENT", False), ("TMA_STORE", False), ("GROUP_M", 0))
+    flags = (("ALL_SLOTS", False), ("SPLIT_K", 1)) if "SPLIT_K" in kw else (("PERSISTENT", False), ("TMA_STORE", False), ("GROUP_M", 0), ("FLAT_K", False))
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, kw["USE_TMA"],
             *(kw.get(name, default) for name, default in flags))
 
@@ -102,7 +102,7 @@ def main(argv=None):
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  {args.product} {in_f}->{out_f} "
           f"bs={bs} k={k} tokens={tokens}", flush=True)
     rows, picked = sweep(tokens, in_f, out_f, bs, k, args.product, args.repeat, max_configs, device, dtype)
-    flags = "all_slots, split_k" if args.product == "dw" else "persistent, tma_store, group_m"
+    flags = "all_slots, split_k" if args.product == "dw" else "persistent, tma_store, group_m, flat_k"
     print(f"{f'config (bm, bn, bk, warps, stages, tma, {flags})':<72} ms per round")
     for r in rows:
         print(f"{str(tuple(r['config'])):<72} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))

@@ -36,6 +36,7 @@ def _mm_tile(
     stride_zm, stride_lk, stride_ln,
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr,
+    FLAT_K: tl.constexpr, K_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     out_desc, STORE_BY_DESC: tl.constexpr,
 ):
@@ -51,9 +52,30 @@ def _mm_tile(
     a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0: BLOCK_K
-    # does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
-    k_steps = K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K)
+    if FLAT_K:
+        # the F slots' K patches as one range of F * K_PATCH: a step may take the end of one slot and the start of the
+        # next. Each K element finds its slot and offset by chunks of K_CHUNK (a power of 2 dividing the patch), which
+        # keeps the loads contiguous runs: 16-byte vectors, asynchronous (pointer loads only)
+        chunks = K_PATCH // K_CHUNK
+        for k0 in range(0, F * K_PATCH, BLOCK_K):
+            kv = k0 + offs_k
+            chunk = kv // K_CHUNK
+            j = chunk // chunks
+            kk = (chunk - j * chunks) * K_CHUNK + kv % K_CHUNK
+            partner = r ^ ((1 << j) >> 1)
+            w_row = partner if PARTNER_WEIGHT else r
+            mask_k = kv < F * K_PATCH
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + (partner * K_PATCH + kk)[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptr + (w_row * stride_wr + j * stride_wj + kk * stride_wk)[:, None] + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    # else: one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0:
+    # BLOCK_K does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
+    k_steps = 0 if FLAT_K else (K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K))
     for step in range(0, F * k_steps):
         j = step // k_steps
         k0 = (step - j * k_steps) * BLOCK_K
@@ -79,7 +101,7 @@ def _mm_tile(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    if TAIL_K > 0:
+    if TAIL_K > 0 and not FLAT_K:
         # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
         # full-width step masked to a fraction (80-wide patches: 64 + 16, not 2 x 64 with 48 of them masked)
         offs_t = k_steps * BLOCK_K + tl.arange(0, TAIL_K)
@@ -136,7 +158,8 @@ def _k_tail(k_patch: int, block_k: int) -> int:
                      "N_ALIGN": lambda args: _pow2_divisor(args["N_PATCH"]),
                      "WN_ALIGN": lambda args: _pow2_divisor(args["stride_wn"]),
                      "WK_ALIGN": lambda args: _pow2_divisor(args["stride_wk"]),
-                     "TAIL_K": lambda args: _k_tail(args["K_PATCH"], args["BLOCK_K"])})
+                     "TAIL_K": lambda args: _k_tail(args["K_PATCH"], args["BLOCK_K"]),
+                     "K_CHUNK": lambda args: _pow2_divisor(args["K_PATCH"], 64)})
 @triton.jit
 def _butterfly_mm_kernel(
     a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
@@ -148,8 +171,9 @@ def _butterfly_mm_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr, FLAT_K: tl.constexpr,
     K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, WN_ALIGN: tl.constexpr, WK_ALIGN: tl.constexpr, TAIL_K: tl.constexpr,
+    K_CHUNK: tl.constexpr,
 ):
     # Triton knows an integer argument is a multiple of 16 or nothing; patches 24 or 40 wide (768- and 1280-wide
     # models at butterfly size 32) then made every load and store go element by element, with no async copies.
@@ -197,12 +221,12 @@ def _butterfly_mm_kernel(
             _mm_tile(pid_m, pid_n, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                      M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                      stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                     EVEN_K, TAIL_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                     EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
     else:
         _mm_tile(tl.program_id(0), tl.program_id(1), a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                  M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                  stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                 EVEN_K, TAIL_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                 EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
 
 
 @triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"]),
@@ -281,13 +305,11 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=None, tma_store=False, group_m=0):
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma}
-    if persistent is not None:  # the forward/dX kernel's schedule, store and order switches
-        meta["PERSISTENT"] = persistent
-        meta["TMA_STORE"] = tma_store
-        meta["GROUP_M"] = group_m
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=False, tma_store=False, group_m=0, flat_k=False):
+    """A forward/dX kernel config: schedule (persistent), store (tma_store), tile order (group_m), K walk (flat_k)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma,
+                          "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": group_m, "FLAT_K": flat_k},
+                         num_warps=warps, num_stages=stages)
 
 
 def _dw_config(block_m, block_n, block_k, warps, stages, tma=False, all_slots=False, split_k=1):
@@ -312,6 +334,9 @@ _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), 
               (256, 64, 64, 8, 3)]
 _PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
                      (128, 128, 32, 8, 4), (256, 32, 64, 8, 4)]
+# K steps across the slots (FLAT_K; pointer loads): for K patches no power-of-2 step divides
+_FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                 (128, 128, 32, 8, 4)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
 _PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
@@ -337,13 +362,14 @@ DW_SPLIT_CONFIGS = (_dw_configs(1, _ALL_SLOTS_TILES)
                                                            (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
                                                            (32, 128, 64, 4, 4)) for s in (2, 4)]
                     + [_dw_config(128, 64, 64, 4, 4, tma=True, split_k=s) for s in (2, 4)])
-MM_CONFIGS = ([_config(*t, persistent=False) for t in _TILES + _NARROW_TILES]
-              + [_config(*t, tma=True, persistent=False) for t in _TMA_TILES + _NARROW_TILES]
+MM_CONFIGS = ([_config(*t) for t in _TILES + _NARROW_TILES]
+              + [_config(*t, tma=True) for t in _TMA_TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=True) for t in _PERSISTENT_TILES]
               + [_config(*t, tma=True, persistent=True, tma_store=True) for t in _PERSISTENT_STORE_TILES]
               # the usual persistent winners again, walking 8 row blocks across all patches at a time
               + [_config(*t, tma=True, persistent=True, tma_store=store, group_m=8)
-                 for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))])
+                 for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))]
+              + [_config(*t, flat_k=True) for t in _FLAT_K_TILES])
 
 
 def _whole_k_tiles(patch_k: int, block_k: int) -> bool:
@@ -355,6 +381,7 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
     """Keep configs whose tiles are no larger than the next power of 2 of what they cover, and 32 wide only where
     the patch is that narrow, or where 32 divides it and 64 does not (96- and 160-wide patches: no masked waste,
     and TMA becomes possible), or (K of the forward/dX) where 32 leaves a tail step and 64 does not (48 = 32 + 16);
+    K steps across slots (FLAT_K) only where the step does not divide the K patch;
     TMA configs only where the operands are 16-byte aligned and (forward/dX) K tiles stay inside a patch;
     descriptor stores only where column tiles stay inside a patch."""
     sizes = {"BLOCK_M": named_args[rows], "BLOCK_N": named_args[cols], "BLOCK_K": named_args[k]}
@@ -364,6 +391,8 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
             tail_pays = key == "BLOCK_K" and patch_k is not None and _k_tail(size, 32) > 0 and _k_tail(size, 64) == 0
             narrow_pays = size <= 32 or (size % 64 != 0 and (size % 32 == 0 or tail_pays))
             return tile <= max(16, triton.next_power_of_2(size)) and (tile >= 64 or narrow_pays)
+        if c.kwargs.get("FLAT_K"):  # steps over all slots' K at once: only where the step does not divide a patch
+            return named_args[patch_k] % c.kwargs["BLOCK_K"] != 0 and all(ok(key, c.kwargs[key], sizes[key]) for key in ("BLOCK_M", "BLOCK_N"))
         return all(ok(key, c.kwargs[key], size) for key, size in sizes.items())
 
     def tma_ok(c):
@@ -480,8 +509,8 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune; `default`
     is a function, so the GPU path does not pay for computing it).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m]]]]) for the
-    forward/dX kernel, tma_store only with use_tma, group_m only when persistent;
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m[, flat_k]]]]])
+    for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent, flat_k only without TMA;
     (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) for the dW kernel.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
@@ -511,8 +540,12 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
         meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
         meta["GROUP_M"] = int(flags[3]) if len(flags) > 3 else 0
+        meta["FLAT_K"] = len(flags) > 4 and bool(flags[4])
         if meta["TMA_STORE"] and not use_tma:
             raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
+        if meta["FLAT_K"] and use_tma:
+            raise ValueError(f"config {config} asks for TMA and K steps across slots; those gather their K by "
+                             "pointer loads: set use_tma=False")
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 

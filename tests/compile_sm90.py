@@ -17,7 +17,8 @@ from pixelfly_kernels import butterfly_matmul as kernels
 
 SM90 = GPUTarget("cuda", 90, 32)
 MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1,
-                 K_ALIGN=16, N_ALIGN=16, TAIL_K=0)
+                 K_ALIGN=16, N_ALIGN=16, TAIL_K=0, K_CHUNK=64)
+FLAT_K_PATCH = dict(EVEN_K=False, K_CHUNK=16)  # K steps across slots are offered where 64 does not divide K: 48 here
 
 
 DW_COMMON = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True, Q_ALIGN=16, P_ALIGN=16, SLOTS=4)
@@ -42,7 +43,8 @@ def cases():
         aligns = {"WN_ALIGN": 1, "WK_ALIGN": 16} if partner_weight else {"WN_ALIGN": 16, "WK_ALIGN": 1}
         constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight, unit_stride: 1}
         for config in kernels.MM_CONFIGS:
-            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
+            flat = FLAT_K_PATCH if config.kwargs["FLAT_K"] else {}
+            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, {**constants, **flat}, ("NUM_PROGRAMS",)
     for atomic, configs in ((False, kernels.DW_CONFIGS), (True, kernels.DW_SPLIT_CONFIGS)):
         for config in configs:
             constants = {**DW_COMMON, "ATOMIC": atomic}
@@ -55,9 +57,8 @@ def cases():
 def narrow_patch_cases():
     """Forward, dX and dW where a patch is 40 or 24 wide (1280- and 768-wide models at butterfly size 32): Triton
     proves nothing about such sizes, so the kernels get their divisibility from the *_ALIGN constexprs, computed by
-    the same heuristics as at run time."""
-    pointer = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": False, "PERSISTENT": False,
-                             "TMA_STORE": False, "GROUP_M": 0}, num_warps=4, num_stages=4)
+    the same heuristics as at run time. Forward and dX also with K steps across slots (FLAT_K: 8-element chunks)."""
+    pointer, flat_k = kernels._config(128, 64, 64, 4, 4), kernels._config(128, 64, 64, 4, 4, flat_k=True)
     dw_pointer = kernels._dw_config(128, 64, 64, 4, 4)
     align = kernels._pow2_divisor
     for q, p in ((160, 40), (96, 24)):
@@ -67,9 +68,11 @@ def narrow_patch_cases():
             unit, other = ("stride_wn", "stride_wk") if partner_weight else ("stride_wk", "stride_wn")
             constants = {**MM_COMMON, "RANK_BLOCK": 0, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight,
                          unit: 1, "EVEN_K": False, "EVEN_N": False, "K_ALIGN": align(k_patch), "N_ALIGN": align(n_patch),
-                         "WN_ALIGN": align(strides["stride_wn"]), "WK_ALIGN": align(strides["stride_wk"])}
-            yield (f"{'dX' if partner_weight else 'forward'} q={q} p={p}", kernels._butterfly_mm_kernel.fn, pointer,
-                   constants, ("NUM_PROGRAMS", "N_PATCH", "K_PATCH", other))
+                         "WN_ALIGN": align(strides["stride_wn"]), "WK_ALIGN": align(strides["stride_wk"]),
+                         "K_CHUNK": align(k_patch, 64)}
+            for config, label in ((pointer, ""), (flat_k, " flat-K")):
+                yield (f"{'dX' if partner_weight else 'forward'} q={q} p={p}{label}", kernels._butterfly_mm_kernel.fn,
+                       config, constants, ("NUM_PROGRAMS", "N_PATCH", "K_PATCH", other))
         dw_constants = {**DW_COMMON, "TMA_ALIGNED": False, "ATOMIC": False, "Q_ALIGN": align(q), "P_ALIGN": align(p)}
         yield f"dW q={q} p={p}", kernels._butterfly_dw_kernel.fn, dw_pointer, dw_constants, ("Q", "P")
 

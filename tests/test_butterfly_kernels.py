@@ -134,7 +134,8 @@ def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     def offered(n_patch, k_patch, tma_aligned=True):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=tma_aligned)
         kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["USE_TMA"]) for c in kept}
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["USE_TMA"]) for c in kept
+                if not c.kwargs["FLAT_K"]}
 
     wide = offered(256, 64)
     assert min(min(n, k) for _, n, k, _ in wide) == 64 and (128, 256, 64, True) in wide
@@ -155,6 +156,15 @@ def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     fwd_80 = offered(320, 80)
     assert (128, 256, 64, True) in fwd_80 and {k for _, _, k, _ in fwd_80} == {64}
     assert not any(tma for *_, tma in offered(160, 40))
+    # K steps across slots: offered where the step does not divide the K patch (48 with 64 and 32; 160 with 64),
+    # never where it does (64-wide patches)
+    def flat_k_steps(n_patch, k_patch):
+        kept = triton_impl._prune(triton_impl.MM_CONFIGS, dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True),
+                                  "M", "N_PATCH", "K_PATCH", "K_PATCH")
+        return {c.kwargs["BLOCK_K"] for c in kept if c.kwargs["FLAT_K"]}
+
+    assert flat_k_steps(192, 48) == {32, 64} and flat_k_steps(640, 160) == {64} and flat_k_steps(256, 64) == set()
+    assert flat_k_steps(128, 32) == {64}  # two 32-wide slots per 64-wide step
     dw = triton_impl._prune(triton_impl.DW_CONFIGS, dict(M=16384, Q=128, P=32, TMA_ALIGNED=True), "Q", "P", "M", None)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
 
@@ -183,6 +193,31 @@ def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
     assert rel_err(y, x.double() @ full.T + bias.double()) < tol
     assert rel_err(dx, grad.double() @ full) < tol
     assert triton_impl._k_tail(48, 32) == 16 and triton_impl._k_tail(80, block_k) == 16 and triton_impl._k_tail(48, 64) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(29, 192, 320, 4, 2), (23, 160, 80, 4, 2), (31, 128, 256, 8, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
+    """FLAT_K (v18): the slots' K patches as one range, a step taking the end of one slot and the start of the next.
+    Patches 48 (in) and 80 (out) wide: the forward walks 3 x 48 = 144 in 64-wide steps (the second spans slots 0 and
+    1) and dX 3 x 80; 40 and 20 wide: 8- and 4-element chunks; 16 wide with 4 slots: 32-wide steps take two whole
+    slots. Low rank and bias ride along; the persistent schedule too."""
+    torch.manual_seed(zlib.crc32(repr((dtype, shape, block_k)).encode()))
+    layout, weight, dense, x, grad = make_case(*shape, dtype)
+    rank = 8
+    u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
+    bias = torch.randn(layout.out_features).to(dtype)
+    tol = TOLERANCE[dtype] * 2
+    full = dense + u.double() @ v.double()
+    for persistent in (False, True):
+        config = (32, 32, block_k, 4, 1, False, persistent, False, 0, True)
+        y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
+                                         out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
+        dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
+        assert rel_err(y, x.double() @ full.T + bias.double()) < tol
+        assert rel_err(dx, grad.double() @ full) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -234,6 +269,8 @@ def test_tma_config_refused_where_it_cannot_work():
     shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
+    with pytest.raises(ValueError, match="K steps across slots"):
+        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, True, False, False, 0, True))
     with pytest.raises(ValueError, match="gathered X tile needs pointer loads"):
         triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, True, True))
 

@@ -47,7 +47,7 @@ def test_patches_24_or_40_wide_still_get_16_byte_async_copies_and_vector_stores(
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(rows) == 6
+    assert len(rows) == 10
     for row in rows:
         assert row["async_copies_16_bytes"] > 0 and row["two_byte_accesses"] == 0 and row["vector_stores"] > 0, row
 
@@ -71,7 +71,7 @@ def test_torch_compile_reads_exactly_the_outputs_as_written():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 8
+    assert len(rows) == 9
     for case, row in rows.items():
         if case.startswith("forward"):  # TMA-descriptor stores included
             assert row["writes"] == ["out_ptr"], row
