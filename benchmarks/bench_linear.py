@@ -1,7 +1,10 @@
 """Pixelfly linear layer on the GPU: forward, dX, dW against dense cuBLAS, torch BSR and a Monarch-style layer.
 
-    python benchmarks/bench_linear.py [--tokens 16384] [--json PATH] [--plot PATH] [--quick] [--cuda-graphs]
+    python benchmarks/bench_linear.py [--tokens 16384] [--json PATH] [--plot PATH] [--quick] [--cuda-graphs] [--gpus N]
     TRITON_INTERPRET=1 python benchmarks/bench_linear.py --dry-run      # CPU smoke test: tiny shapes, fp32
+
+--gpus N runs the shapes in N processes, one per GPU of the host, and merges their tables (the full table takes ≈ 15
+minutes on one GPU, longer than a device call may run).
 
 For each shape and flat butterfly layout (densities 9.4%, 18.75%, 25%, 37.5%): medians of triton's do_bench
 over rotating input sets (the L2 never holds them), bf16; with --cuda-graphs, medians of the same calls replayed
@@ -19,6 +22,10 @@ call of each kernel and is timed separately (Triton caches the result on disk, s
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -311,7 +318,11 @@ def main(argv=None):
                         help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no timing: one table (and --json/--plot) from runs split over several GPU calls")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="split the shapes over this many GPUs of the host (one process each), then merge")
     args = parser.parse_args(argv)
+    if args.gpus > 1 and (args.merge or args.lowrank_breakdown):
+        parser.error("--gpus splits a table run; it does not combine with --merge or --lowrank-breakdown")
     timing.CUDA_GRAPHS = args.cuda_graphs
     if args.merge:
         merge(args.merge, args.json, args.plot)
@@ -330,6 +341,11 @@ def main(argv=None):
         shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
     if args.layouts:
         layouts = [tuple(map(int, s.split("x"))) for s in args.layouts]
+    if args.gpus > 1:
+        if not args.dry_run and args.gpus > torch.cuda.device_count():
+            parser.error(f"--gpus {args.gpus}: this host has {torch.cuda.device_count()} GPUs")
+        split_over_gpus(args, shapes)
+        return
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  tokens {tokens}", flush=True)
     if args.lowrank_breakdown:
@@ -359,6 +375,29 @@ def main(argv=None):
     print_lowrank_overheads(rows)
     if args.plot:
         plot(rows, args.plot)
+
+
+def split_over_gpus(args, shapes):
+    """The shapes dealt round-robin to args.gpus processes, GPU i seeing only device i; each writes its JSON as it goes
+    (a process cut short keeps its finished shapes), then one merged table, JSON and plot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, parts = [], []
+        for gpu in range(args.gpus):
+            mine = [f"{i}x{o}" for i, o in shapes[gpu::args.gpus]]
+            if not mine:
+                continue
+            part, log = Path(tmp, f"gpu{gpu}.json"), Path(tmp, f"gpu{gpu}.log")
+            command = [sys.executable, __file__, "--tokens", str(args.tokens), "--shapes", *mine, "--json", str(part)]
+            command += ["--layouts", *args.layouts] if args.layouts else []
+            command += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--dry-run", args.dry_run)) if on]
+            print(f"GPU {gpu}: {' '.join(mine)}", flush=True)
+            procs.append((gpu, log, subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                                     env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})))
+            parts.append(part)
+        for gpu, log, proc in procs:
+            if proc.wait() != 0:
+                print(f"GPU {gpu}'s process exited with {proc.returncode}; its log ends:\n{log.read_text()[-2000:]}", flush=True)
+        merge([str(part) for part in parts if part.exists()], args.json, args.plot)
 
 
 def print_lowrank_overheads(rows):

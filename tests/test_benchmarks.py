@@ -107,6 +107,16 @@ def test_sweep_configs_dry_run_times_the_pruned_configs(tmp_path, product):
     assert result["autotuner"]["ms"] > 0
 
 
+def test_bench_linear_splits_the_shapes_over_gpus_and_merges_them(tmp_path):
+    """--gpus 2: one process per GPU (here two CPU processes in the interpreter), one shape each, one merged table."""
+    proc = run_script("bench_linear.py", "--dry-run", "--gpus", "2", "--json", str(tmp_path / "both.json"),
+                      hf_home=tmp_path, TRITON_INTERPRET="1")
+    assert "GPU 0: 64x128" in proc.stdout and "GPU 1: 128x64" in proc.stdout
+    result = json.loads((tmp_path / "both.json").read_text())
+    assert len(result["merged_from"]) == 2
+    assert {r["shape"] for r in result["rows"] if r["impl"] == "pixelfly kernels"} == {"64->128", "128->64"}
+
+
 def test_bench_linear_merges_runs_split_over_calls(tmp_path):
     for shape in ("64x128", "128x64"):
         run_script("bench_linear.py", "--dry-run", "--shapes", shape, "--json", str(tmp_path / f"{shape}.json"),
