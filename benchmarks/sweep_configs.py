@@ -31,7 +31,9 @@ def config_tuple(config):
 
 def candidates(product, tokens, q, p, x, g, w):
     """The configs the autotuner would try for this product (its pruning, on these tensors' alignment)."""
-    if product == "dw":  # the direct kernel's configs and the token-split kernel's, whichever the launcher would pick
+    # dW: the direct kernel's configs and the token-split kernel's. A one-share config is timed as the direct kernel
+    # runs it (plain store); the split kernel runs it with atomic fp32 adds, a memset and a cast
+    if product == "dw":
         named = dict(M=tokens, Q=q, P=p, F=w.shape[1], TMA_ALIGNED=kernels._tma_aligned(g, x))
         kept = kernels._prune_dw(kernels.DW_CONFIGS + kernels.DW_SPLIT_CONFIGS, named)
         return list(dict.fromkeys(config_tuple(c) for c in kept))

@@ -49,8 +49,6 @@ def _mm_tile(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_PATCH
-    a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-    w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         # the F slots' K patches as one range of F * K_PATCH: a step may take the end of one slot and the start of the
@@ -73,48 +71,51 @@ def _mm_tile(
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    # else: one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0:
-    # BLOCK_K does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
-    k_steps = 0 if FLAT_K else (K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K))
-    for step in range(0, F * k_steps):
-        j = step // k_steps
-        k0 = (step - j * k_steps) * BLOCK_K
-        partner = r ^ ((1 << j) >> 1)
-        # forward reads weight[r, j] transposed; dX reads weight[partner, j] as stored
-        w_row = partner if PARTNER_WEIGHT else r
-        a_ptrs = a_rows + partner * K_PATCH + k0
-        w_ptrs = w_cols + w_row * stride_wr + j * stride_wj + k0 * stride_wk
-        if USE_TMA:
-            a = a_desc.load([pid_m * BLOCK_M, partner * K_PATCH + k0])
-            if PARTNER_WEIGHT:
-                w = w_desc.load([(partner * F + j) * K_PATCH + k0, n0])
-            else:
-                w = w_desc.load([(r * F + j) * N_PATCH + n0, k0]).T
-        elif EVEN_K or TAIL_K > 0:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = offs_k + k0 < K_PATCH
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # the interpreter computes bf16 wrongly; fp32 there is exact enough
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    if TAIL_K > 0 and not FLAT_K:
-        # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
-        # full-width step masked to a fraction (80-wide patches: 64 + 16, not 2 x 64 with 48 of them masked)
-        offs_t = k_steps * BLOCK_K + tl.arange(0, TAIL_K)
-        for j in tl.static_range(F):
+    else:
+        # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0: BLOCK_K
+        # does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
+        k_steps = K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K)
+        a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        for step in range(0, F * k_steps):
+            j = step // k_steps
+            k0 = (step - j * k_steps) * BLOCK_K
             partner = r ^ ((1 << j) >> 1)
+            # forward reads weight[r, j] transposed; dX reads weight[partner, j] as stored
             w_row = partner if PARTNER_WEIGHT else r
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_t[None, :], mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_t[:, None] * stride_wk,
-                        mask=mask_n[None, :], other=0.0)
-            if UPCAST:
+            a_ptrs = a_rows + partner * K_PATCH + k0
+            w_ptrs = w_cols + w_row * stride_wr + j * stride_wj + k0 * stride_wk
+            if USE_TMA:
+                a = a_desc.load([pid_m * BLOCK_M, partner * K_PATCH + k0])
+                if PARTNER_WEIGHT:
+                    w = w_desc.load([(partner * F + j) * K_PATCH + k0, n0])
+                else:
+                    w = w_desc.load([(r * F + j) * N_PATCH + n0, k0]).T
+            elif EVEN_K or TAIL_K > 0:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k + k0 < K_PATCH
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:  # the interpreter computes bf16 wrongly; fp32 there is exact enough
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if TAIL_K > 0:
+            # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
+            # full-width step masked to a fraction (80-wide patches: 64 + 16, not 2 x 64 with 48 of them masked)
+            offs_t = k_steps * BLOCK_K + tl.arange(0, TAIL_K)
+            for j in tl.static_range(F):
+                partner = r ^ ((1 << j) >> 1)
+                w_row = partner if PARTNER_WEIGHT else r
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_t[None, :], mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_t[:, None] * stride_wk,
+                            mask=mask_n[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if RANK_BLOCK > 0:
         # the low-rank term as one more K segment: Z (M x rank) times the factor's columns of this patch
         offs_r = tl.arange(0, RANK_BLOCK)
