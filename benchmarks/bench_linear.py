@@ -378,15 +378,17 @@ def main(argv=None):
 
 
 def split_over_gpus(args, shapes):
-    """The shapes dealt round-robin to args.gpus processes, GPU i seeing only device i; each writes its JSON as it goes
-    (a process cut short keeps its finished shapes), then one merged table, JSON and plot."""
+    """The shapes dealt round-robin to args.gpus processes, GPU i seeing only device i; each writes its JSON as it goes,
+    then one merged table, JSON and plot. With --json the parts and logs stay beside it (PATH.gpuI.json/.log): a
+    run cut short keeps its finished shapes, for --merge."""
     with tempfile.TemporaryDirectory() as tmp:
+        stem = Path(args.json) if args.json else Path(tmp, "table")
         procs, parts = [], []
         for gpu in range(args.gpus):
             mine = [f"{i}x{o}" for i, o in shapes[gpu::args.gpus]]
             if not mine:
                 continue
-            part, log = Path(tmp, f"gpu{gpu}.json"), Path(tmp, f"gpu{gpu}.log")
+            part, log = stem.with_suffix(f".gpu{gpu}.json"), stem.with_suffix(f".gpu{gpu}.log")
             command = [sys.executable, __file__, "--tokens", str(args.tokens), "--shapes", *mine, "--json", str(part)]
             command += ["--layouts", *args.layouts] if args.layouts else []
             command += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--dry-run", args.dry_run)) if on]

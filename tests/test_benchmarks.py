@@ -115,6 +115,9 @@ def test_bench_linear_splits_the_shapes_over_gpus_and_merges_them(tmp_path):
     result = json.loads((tmp_path / "both.json").read_text())
     assert len(result["merged_from"]) == 2
     assert {r["shape"] for r in result["rows"] if r["impl"] == "pixelfly kernels"} == {"64->128", "128->64"}
+    for gpu, shape in ((0, "64->128"), (1, "128->64")):  # each part stays for --merge, should the run be cut
+        part = json.loads((tmp_path / f"both.gpu{gpu}.json").read_text())
+        assert {r["shape"] for r in part["rows"]} == {shape} and (tmp_path / f"both.gpu{gpu}.log").stat().st_size > 0
 
 
 def test_bench_linear_merges_runs_split_over_calls(tmp_path):
