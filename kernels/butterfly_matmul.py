@@ -37,19 +37,25 @@ def _mm_tile(
     F: tl.constexpr, PARTNER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr,
     FLAT_K: tl.constexpr, K_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, REST_N: tl.constexpr,
     out_desc, STORE_BY_DESC: tl.constexpr,
 ):
-    """One (BLOCK_M x BLOCK_N) output tile: pid_m picks the rows, pid_n the patch and the columns inside it."""
-    tiles_per_patch = tl.cdiv(N_PATCH, BLOCK_N)
+    """One (BLOCK_M x BLOCK_N) output tile: pid_m picks the rows, pid_n the patch and the columns inside it.
+    REST_N > 0: the tile spans the whole patch, BLOCK_N columns and then REST_N (a narrower power of 2) in a second
+    accumulator, each A tile loaded once for both (160 = 128 + 32 instead of two 128-wide tiles, 96 columns wasted)."""
+    tiles_per_patch = tl.cdiv(N_PATCH, BLOCK_N + REST_N)
     r = pid_n // tiles_per_patch  # output patch
-    n0 = (pid_n % tiles_per_patch) * BLOCK_N
+    n0 = (pid_n % tiles_per_patch) * (BLOCK_N + REST_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_PATCH
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if REST_N > 0:
+        offs_n2 = n0 + BLOCK_N + tl.arange(0, REST_N)
+        mask_n2 = offs_n2 < N_PATCH
+        acc2 = tl.zeros((BLOCK_M, REST_N), dtype=tl.float32)
     if FLAT_K:
         # the F slots' K patches as one range of F * K_PATCH: a step may take the end of one slot and the start of the
         # next. Each K element finds its slot and offset by chunks of K_CHUNK (a power of 2 dividing the patch), which
@@ -71,6 +77,10 @@ def _mm_tile(
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if REST_N > 0:
+                w2 = tl.load(w_ptr + (w_row * stride_wr + j * stride_wj + kk * stride_wk)[:, None] + offs_n2[None, :] * stride_wn,
+                             mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+                acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
     else:
         # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0: BLOCK_K
         # does not divide the patch; the loop takes the whole steps unmasked and each slot's rest follows below
@@ -102,6 +112,13 @@ def _mm_tile(
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if REST_N > 0:  # the rest's weight columns by pointer loads, in TMA configs too (a narrow tile)
+                w2_ptrs = w_ptr + w_row * stride_wr + j * stride_wj + (k0 + offs_k)[:, None] * stride_wk + offs_n2[None, :] * stride_wn
+                if EVEN_K or TAIL_K > 0:
+                    w2 = tl.load(w2_ptrs, mask=mask_n2[None, :], other=0.0)
+                else:
+                    w2 = tl.load(w2_ptrs, mask=(offs_k + k0 < K_PATCH)[:, None] & mask_n2[None, :], other=0.0)
+                acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
         if TAIL_K > 0:
             # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
             # full-width step masked to a fraction (80-wide patches: 64 + 16, not 2 x 64 with 48 of them masked)
@@ -116,6 +133,10 @@ def _mm_tile(
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                if REST_N > 0:
+                    w2 = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n2[None, :] * stride_wn + offs_t[:, None] * stride_wk,
+                                 mask=mask_n2[None, :], other=0.0)
+                    acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
     if RANK_BLOCK > 0:
         # the low-rank term as one more K segment: Z (M x rank) times the factor's columns of this patch
         offs_r = tl.arange(0, RANK_BLOCK)
@@ -127,8 +148,14 @@ def _mm_tile(
             z = z.to(tl.float32)
             lr = lr.to(tl.float32)
         acc = tl.dot(z, lr, acc, input_precision=DOT_PRECISION)
+        if REST_N > 0:
+            cols2 = r * N_PATCH + offs_n2
+            lr2 = tl.load(l_ptr + offs_r[:, None] * stride_lk + cols2[None, :] * stride_ln, mask=mask_r[:, None] & mask_n2[None, :], other=0.0)
+            acc2 = tl.dot(z, lr2.to(z.dtype), acc2, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + r * N_PATCH + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if REST_N > 0:
+            acc2 += tl.load(bias_ptr + r * N_PATCH + offs_n2, mask=mask_n2, other=0.0).to(tl.float32)[None, :]
     if STORE_BY_DESC:
         # bulk tensor stores in two column halves (half the staging buffer in shared memory); the descriptor clips
         # rows past M, and the tile lies inside its patch (EVEN_N)
@@ -139,11 +166,21 @@ def _mm_tile(
     else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if REST_N > 0:
+        out2_ptrs = out_ptr + offs_m[:, None] * stride_om + r * N_PATCH + offs_n2[None, :]
+        tl.store(out2_ptrs, acc2.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n2[None, :])
 
 
 def _pow2_divisor(n: int, cap: int = 16) -> int:
     """The largest power of 2, up to cap, that divides n."""
     return min(n & -n, cap) if n else cap
+
+
+def _n_rest(n_patch: int, block_n: int) -> int:
+    """Width of the second column part when one tile spans the whole patch (FULL_PATCH_N): what block_n leaves of
+    the patch, if that is a power of 2 of at least 16 and narrower than block_n; else 0 (not offered)."""
+    rest = n_patch - block_n
+    return rest if 16 <= rest < block_n and rest & (rest - 1) == 0 else 0
 
 
 def _k_tail(k_patch: int, block_k: int) -> int:
@@ -153,8 +190,9 @@ def _k_tail(k_patch: int, block_k: int) -> int:
     return rest if rest >= 16 and rest & (rest - 1) == 0 else 0
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
-                     "EVEN_N": lambda args: args["N_PATCH"] % args["BLOCK_N"] == 0,
+@triton.heuristics({"REST_N": lambda args: _n_rest(args["N_PATCH"], args["BLOCK_N"]) if args["FULL_PATCH_N"] else 0,
+                     "EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
+                     "EVEN_N": lambda args: args["N_PATCH"] % (args["BLOCK_N"] + args["REST_N"]) == 0,
                      "K_ALIGN": lambda args: _pow2_divisor(args["K_PATCH"]),
                      "N_ALIGN": lambda args: _pow2_divisor(args["N_PATCH"]),
                      "WN_ALIGN": lambda args: _pow2_divisor(args["stride_wn"]),
@@ -173,8 +211,9 @@ def _butterfly_mm_kernel(
     TMA_ALIGNED: tl.constexpr,  # not read here: it keys the autotuner, whose pruning drops TMA configs without it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr, TMA_STORE: tl.constexpr, GROUP_M: tl.constexpr, FLAT_K: tl.constexpr,
+    FULL_PATCH_N: tl.constexpr,  # read through REST_N (heuristic): one tile spans the patch's columns
     K_ALIGN: tl.constexpr, N_ALIGN: tl.constexpr, WN_ALIGN: tl.constexpr, WK_ALIGN: tl.constexpr, TAIL_K: tl.constexpr,
-    K_CHUNK: tl.constexpr,
+    K_CHUNK: tl.constexpr, REST_N: tl.constexpr,
 ):
     # Triton knows an integer argument is a multiple of 16 or nothing; patches 24 or 40 wide (768- and 1280-wide
     # models at butterfly size 32) then made every load and store go element by element, with no async copies.
@@ -206,7 +245,7 @@ def _butterfly_mm_kernel(
         # one program per SM walks the tiles (rows fastest, as the 2-D grid orders them); flattening the tile and
         # K loops lets the pipeline fetch the next tile's operands while this tile's epilogue runs
         tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = B * tl.cdiv(N_PATCH, BLOCK_N)
+        tiles_n = B * tl.cdiv(N_PATCH, BLOCK_N + REST_N)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             if GROUP_M > 0:
                 # GROUP_M row blocks at a time, every column tile of every patch for them: the programs running
@@ -222,12 +261,12 @@ def _butterfly_mm_kernel(
             _mm_tile(pid_m, pid_n, a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                      M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                      stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                     EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                     EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, REST_N, out_desc, STORE_BY_DESC)
     else:
         _mm_tile(tl.program_id(0), tl.program_id(1), a_desc, w_desc, a_ptr, w_ptr, bias_ptr, z_ptr, l_ptr, out_ptr,
                  M, N_PATCH, K_PATCH, RANK, stride_am, stride_om, stride_wr, stride_wj, stride_wn, stride_wk,
                  stride_zm, stride_lk, stride_ln, F, PARTNER_WEIGHT, HAS_BIAS, RANK_BLOCK, UPCAST, DOT_PRECISION,
-                 EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, out_desc, STORE_BY_DESC)
+                 EVEN_K, TAIL_K, FLAT_K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, REST_N, out_desc, STORE_BY_DESC)
 
 
 @triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"]),
@@ -306,11 +345,13 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=False, tma_store=False, group_m=0, flat_k=False):
-    """A forward/dX kernel config: schedule (persistent), store (tma_store), tile order (group_m), K walk (flat_k)."""
+def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=False, tma_store=False, group_m=0, flat_k=False,
+            full_n=False):
+    """A forward/dX kernel config: schedule (persistent), store (tma_store), tile order (group_m), K walk (flat_k),
+    columns (full_n: one tile spans the patch as block_n plus a narrower rest)."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma,
-                          "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": group_m, "FLAT_K": flat_k},
-                         num_warps=warps, num_stages=stages)
+                          "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": group_m, "FLAT_K": flat_k,
+                          "FULL_PATCH_N": full_n}, num_warps=warps, num_stages=stages)
 
 
 def _dw_config(block_m, block_n, block_k, warps, stages, tma=False, all_slots=False, split_k=1):
@@ -338,6 +379,10 @@ _PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 
 # K steps across the slots (FLAT_K; pointer loads): for K patches no power-of-2 step divides
 _FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                  (128, 128, 32, 8, 4)]
+# one tile per patch, block_n columns plus a narrower power-of-2 rest (FULL_PATCH_N), for patch widths that are not a
+# power of 2: 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64, 320 = 256 + 64
+_FULL_N_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (256, 32, 64, 8, 3),
+                 (64, 256, 64, 8, 3)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
 _PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
@@ -370,7 +415,12 @@ MM_CONFIGS = ([_config(*t) for t in _TILES + _NARROW_TILES]
               # the usual persistent winners again, walking 8 row blocks across all patches at a time
               + [_config(*t, tma=True, persistent=True, tma_store=store, group_m=8)
                  for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))]
-              + [_config(*t, flat_k=True) for t in _FLAT_K_TILES])
+              + [_config(*t, flat_k=True) for t in _FLAT_K_TILES]
+              + [_config(*t, full_n=True) for t in _FULL_N_TILES]
+              + [_config(*t, tma=True, full_n=True) for t in _FULL_N_TILES[:3]]
+              + [_config(128, 128, 64, 8, 4, tma=True, persistent=True, full_n=True),
+                 _config(128, 128, 64, 8, 3, tma=True, persistent=True, tma_store=True, full_n=True)]
+              + [_config(*t, flat_k=True, full_n=True) for t in _FULL_N_TILES[:4]])
 
 
 def _whole_k_tiles(patch_k: int, block_k: int) -> bool:
@@ -383,6 +433,8 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
     the patch is that narrow, or where 32 divides it and 64 does not (96- and 160-wide patches: no masked waste,
     and TMA becomes possible), or (K of the forward/dX) where 32 leaves a tail step and 64 does not (48 = 32 + 16);
     K steps across slots (FLAT_K) only where the step does not divide the K patch;
+    whole-patch column tiles (FULL_PATCH_N) only where the patch is BLOCK_N plus a narrower power of 2 and the two
+    accumulators stay within 128 x 256;
     TMA configs only where the operands are 16-byte aligned and (forward/dX) K tiles stay inside a patch;
     descriptor stores only where column tiles stay inside a patch."""
     sizes = {"BLOCK_M": named_args[rows], "BLOCK_N": named_args[cols], "BLOCK_K": named_args[k]}
@@ -392,15 +444,25 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
             tail_pays = key == "BLOCK_K" and patch_k is not None and _k_tail(size, 32) > 0 and _k_tail(size, 64) == 0
             narrow_pays = size <= 32 or (size % 64 != 0 and (size % 32 == 0 or tail_pays))
             return tile <= max(16, triton.next_power_of_2(size)) and (tile >= 64 or narrow_pays)
+        checked = ["BLOCK_M"]
+        if c.kwargs.get("FULL_PATCH_N"):  # the columns: the whole patch as BLOCK_N + rest
+            width = named_args[cols]
+            if not _n_rest(width, c.kwargs["BLOCK_N"]) or c.kwargs["BLOCK_M"] * width > 128 * 256:
+                return False
+        else:
+            checked.append("BLOCK_N")
         if c.kwargs.get("FLAT_K"):  # steps over all slots' K at once: only where the step does not divide a patch
-            return named_args[patch_k] % c.kwargs["BLOCK_K"] != 0 and all(ok(key, c.kwargs[key], sizes[key]) for key in ("BLOCK_M", "BLOCK_N"))
-        return all(ok(key, c.kwargs[key], size) for key, size in sizes.items())
+            if named_args[patch_k] % c.kwargs["BLOCK_K"] == 0:
+                return False
+        else:
+            checked.append("BLOCK_K")
+        return all(ok(key, c.kwargs[key], sizes[key]) for key in checked)
 
     def tma_ok(c):
         return named_args["TMA_ALIGNED"] and (patch_k is None or _whole_k_tiles(named_args[patch_k], c.kwargs["BLOCK_K"]))
 
     def store_ok(c):
-        return not c.kwargs.get("TMA_STORE") or named_args[cols] % c.kwargs["BLOCK_N"] == 0
+        return not c.kwargs.get("TMA_STORE") or c.kwargs.get("FULL_PATCH_N") or named_args[cols] % c.kwargs["BLOCK_N"] == 0
 
     kept = [c for c in configs if fits(c) and (not c.kwargs["USE_TMA"] or tma_ok(c)) and store_ok(c)]
     # nothing fits (tiny patches): the smallest tile wastes the least
@@ -506,12 +568,13 @@ def _traced(*tensors: torch.Tensor) -> bool:
     return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
-def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
+def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, patch_n=None):
     """Run with an explicit config, the autotuner (GPU), or a fixed default (the interpreter cannot tune; `default`
     is a function, so the GPU path does not pay for computing it).
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m[, flat_k]]]]])
-    for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent, flat_k only without TMA;
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m[, flat_k[,
+    full_patch_n]]]]]]) for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent, flat_k only
+    without TMA, full_patch_n only where the patch is block_n plus a narrower power of 2 of at least 16;
     (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) for the dW kernel.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
@@ -542,6 +605,10 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None):
         meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
         meta["GROUP_M"] = int(flags[3]) if len(flags) > 3 else 0
         meta["FLAT_K"] = len(flags) > 4 and bool(flags[4])
+        meta["FULL_PATCH_N"] = len(flags) > 5 and bool(flags[5])
+        if meta["FULL_PATCH_N"] and not _n_rest(patch_n, block_n):
+            raise ValueError(f"config {config} asks for one tile across the patch, but the patch is {patch_n} "
+                             f"wide: that needs block_n plus a narrower power of 2 of at least 16; set full_patch_n=False")
         if meta["TMA_STORE"] and not use_tma:
             raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
         if meta["FLAT_K"] and use_tma:
@@ -610,7 +677,8 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     num_sms = _num_sms(a.device)
 
     def grid(meta):
-        tiles = (triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"]))
+        tile_n = meta["BLOCK_N"] + (_n_rest(n_patch, meta["BLOCK_N"]) if meta["FULL_PATCH_N"] else 0)
+        tiles = (triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, tile_n))
         return (min(num_sms, tiles[0] * tiles[1]), 1) if meta["PERSISTENT"] else tiles
 
     args = (a, weight, bias if bias is not None else a, z if rank else a, lowrank if rank else a, out,
@@ -622,7 +690,7 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     def default():
         return _tile(M, 16, 128), _tile(n_patch, 16, 128), _tile(k_patch, 16, 64), 4, 3
 
-    _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default, patch_k=k_patch)
+    _launch(_butterfly_mm_kernel, _butterfly_mm_tuned, grid, args, kwargs, config, default, patch_k=k_patch, patch_n=n_patch)
     return out
 
 

@@ -17,7 +17,7 @@ from pixelfly_kernels import butterfly_matmul as kernels
 
 SM90 = GPUTarget("cuda", 90, 32)
 MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=True, EVEN_N=True, TMA_ALIGNED=True, stride_ln=1,
-                 K_ALIGN=16, N_ALIGN=16, TAIL_K=0, K_CHUNK=64)
+                 K_ALIGN=16, N_ALIGN=16, TAIL_K=0, K_CHUNK=64, REST_N=0)
 FLAT_K_PATCH = dict(EVEN_K=False, K_CHUNK=16)  # K steps across slots are offered where 64 does not divide K: 48 here
 
 
@@ -44,7 +44,9 @@ def cases():
         constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight, unit_stride: 1}
         for config in kernels.MM_CONFIGS:
             flat = FLAT_K_PATCH if config.kwargs["FLAT_K"] else {}
-            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, {**constants, **flat}, ("NUM_PROGRAMS",)
+            # whole-patch tiles: the rest the narrowest patch they serve leaves (48 = 32 + 16, 160 = 128 + 32)
+            rest = {"REST_N": max(16, config.kwargs["BLOCK_N"] // 4)} if config.kwargs["FULL_PATCH_N"] else {}
+            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, {**constants, **flat, **rest}, ("NUM_PROGRAMS",)
     for atomic, configs in ((False, kernels.DW_CONFIGS), (True, kernels.DW_SPLIT_CONFIGS)):
         for config in configs:
             constants = {**DW_COMMON, "ATOMIC": atomic}

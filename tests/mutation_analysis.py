@@ -26,7 +26,7 @@ class Sm90Target:
         return 0
 
 
-def forward_args(tma, persistent, tma_store, flat_k=False, tokens=256, B=4, F=3, q=128, p=64, rank=32):
+def forward_args(tma, persistent, tma_store, flat_k=False, rest_n=0, tokens=256, B=4, F=3, q=128, p=64, rank=32):
     a, w = torch.randn(tokens, B * p), torch.randn(B, F, q, p)
     bias, z, l, out = torch.randn(B * q), torch.randn(tokens, rank), torch.randn(rank, B * q), torch.empty(tokens, B * q)
     values = (a, w, bias, z, l, out, tokens, q, p, rank, B, 132, a.stride(0), out.stride(0), F * q * p, q * p, p, 1,
@@ -35,7 +35,7 @@ def forward_args(tma, persistent, tma_store, flat_k=False, tokens=256, B=4, F=3,
     return {**args, "F": F, "PARTNER_WEIGHT": False, "HAS_BIAS": True, "RANK_BLOCK": 32, "UPCAST": False,
             "DOT_PRECISION": "tf32", "EVEN_K": True, "EVEN_N": True, "TMA_ALIGNED": True, "BLOCK_M": 64, "BLOCK_N": 64,
             "BLOCK_K": 64, "USE_TMA": tma, "PERSISTENT": persistent, "TMA_STORE": tma_store, "GROUP_M": 8 if persistent else 0,
-            "FLAT_K": flat_k, "K_CHUNK": 64,
+            "FLAT_K": flat_k, "K_CHUNK": 64, "FULL_PATCH_N": rest_n > 0, "REST_N": rest_n,
             "K_ALIGN": 16, "N_ALIGN": 16, "WN_ALIGN": 16, "WK_ALIGN": 1, "TAIL_K": 0}
 
 
@@ -53,6 +53,8 @@ def cases():
         yield (f"forward tma={tma} persistent={persistent} tma_store={tma_store}", kernels._butterfly_mm_kernel.fn,
                forward_args(tma, persistent, tma_store))
     yield "forward flat_k", kernels._butterfly_mm_kernel.fn, forward_args(False, False, False, flat_k=True)
+    # a tile across the whole patch: the rest's columns stored by pointers beside the descriptor store
+    yield "forward full_patch_n", kernels._butterfly_mm_kernel.fn, forward_args(True, True, True, rest_n=32)
     for tma, atomic in ((False, False), (True, False), (False, True), (True, True)):
         yield f"dW tma={tma} atomic={atomic}", kernels._butterfly_dw_kernel.fn, dw_args(tma, atomic)
 

@@ -220,6 +220,56 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
         assert rel_err(dx, grad.double() @ full) < tol
 
 
+# (flags after num_stages, block_k): TMA needs whole K steps (K = 48: 16, or 32 + a 16 tail), not one masked 64 step
+WHOLE_PATCH_CASES = [pytest.param(flags, block_k, id=f"{name}-k{block_k}")
+                     for name, flags in (("pointer", (False,)), ("tma", (True,)), ("tma-persistent", (True, True)),
+                                         ("tma-persistent-store", (True, True, True)),
+                                         ("flat-k-persistent", (False, True, False, 0, True)))
+                     for block_k in (16, 32, 64) if block_k < 64 or name == "pointer"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags, block_k", WHOLE_PATCH_CASES)
+def test_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags, block_k):
+    """FULL_PATCH_N (v19): one tile spans a patch whose width is no power of 2, as BLOCK_N columns plus a narrower
+    rest in a second accumulator. Patches 96 (out) and 48 (in) wide: the forward runs 64 + 32 columns over K = 48
+    (16-wide steps divide it, 32-wide ones leave a 16-wide tail, 64-wide ones one masked step), dX 32 + 16 over
+    K = 96; then 80 (out) and 160 (in): 64 + 16 over K = 160, and dX 128 + 32 over K = 80. The rest's weight, low-rank
+    columns, bias and store are its own code: outputs start as NaN, so a rest column left unwritten fails."""
+    torch.manual_seed(zlib.crc32(repr((dtype, block_k, flags)).encode()))
+    tol = TOLERANCE[dtype] * 2  # Z and dZ are rounded to the input dtype before the segment
+    for shape, fwd_n, dx_n in (((37, 96, 192, 2, 1), 64, 32), ((23, 320, 160, 2, 1), 64, 128)):
+        layout, weight, dense, x, grad = make_case(*shape, dtype)
+        rank = 8
+        u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
+        bias = torch.randn(layout.out_features).to(dtype)
+        full_n = flags + (False,) * (5 - len(flags)) + (True,)
+        y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=(32, fwd_n, block_k, 4, 1, *full_n),
+                                         out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
+        dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, config=(32, dx_n, block_k, 4, 1, *full_n),
+                                            out=torch.full_like(x, float("nan")))
+        full = dense + u.double() @ v.double()
+        assert rel_err(y, x.double() @ full.T + bias.double()) < tol, layout.tile_shape
+        assert rel_err(dx, grad.double() @ full) < tol, layout.tile_shape
+
+
+def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
+    """The autotuner gets FULL_PATCH_N configs where the patch is BLOCK_N plus a narrower power of 2 of at least 16,
+    with the two accumulators within 128 x 256; an explicit config elsewhere is refused with the fix."""
+    def offered(n_patch, k_patch=256):
+        args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True)
+        kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept if c.kwargs["FULL_PATCH_N"]}
+
+    assert offered(160) == {(128, 128), (64, 128)}  # 128 + 32; 256-row tiles would hold 256 x 160 in registers
+    assert offered(48) == {(128, 32), (256, 32)} and offered(80) == {(128, 64)} and offered(96) == {(128, 64)}
+    assert offered(320) == {(64, 256)}  # 256 + 64, only 64 rows
+    assert offered(128) == offered(256) == offered(24) == offered(40) == set()  # powers of 2; rests under 16
+    layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 (in), 96 (out)
+    with pytest.raises(ValueError, match="patch is 96 wide: that needs block_n plus a narrower power of 2"):
+        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, False, False, False, 0, False, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(83, 256, 512, 8, 2), (61, 192, 384, 4, 1), (45, 512, 256, 16, 3), (50, 128, 64, 4, 0)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -71,7 +71,7 @@ def test_torch_compile_reads_exactly_the_outputs_as_written():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 9
+    assert len(rows) == 10
     for case, row in rows.items():
         if case.startswith("forward"):  # TMA-descriptor stores included
             assert row["writes"] == ["out_ptr"], row
