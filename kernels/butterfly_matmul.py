@@ -270,7 +270,8 @@ def _butterfly_mm_kernel(
 
 
 @triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"]),
-                     "SLOTS": lambda args: triton.next_power_of_2(args["F"])})
+                     "SLOTS": lambda args: triton.next_power_of_2(args["F"]),
+                     "REST_N": lambda args: _n_rest(args["P"], args["BLOCK_N"]) if args["FULL_PATCH_N"] else 0})
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
@@ -281,14 +282,17 @@ def _butterfly_dw_kernel(
     ATOMIC: tl.constexpr,  # dw_ptr is a zeroed fp32 buffer the programs add their tiles into
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
     ALL_SLOTS: tl.constexpr, SPLIT_K: tl.constexpr,
-    Q_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr, SLOTS: tl.constexpr,
+    FULL_PATCH_N: tl.constexpr,  # read through REST_N (heuristic), as in the forward kernel
+    Q_ALIGN: tl.constexpr, P_ALIGN: tl.constexpr, SLOTS: tl.constexpr, REST_N: tl.constexpr,
 ):
     Q = (Q // Q_ALIGN) * Q_ALIGN  # the patch widths' divisibility, as in the forward kernel
     P = (P // P_ALIGN) * P_ALIGN
-    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p (per slot); k runs over this program's tokens
-    tiles_p = tl.cdiv(P, BLOCK_N)
+    # the dW tile is BLOCK_M rows of q by BLOCK_N columns of p (per slot); k runs over this program's tokens.
+    # REST_N > 0 (one slot per program): the tile spans the patch's p columns, the last REST_N in a second accumulator
+    # fed by the same dY tile (160 = 128 + 32)
+    tiles_p = tl.cdiv(P, BLOCK_N + REST_N)
     q0 = (tl.program_id(1) // tiles_p) * BLOCK_M
-    p0 = (tl.program_id(1) % tiles_p) * BLOCK_N
+    p0 = (tl.program_id(1) % tiles_p) * (BLOCK_N + REST_N)
     offs_q = q0 + tl.arange(0, BLOCK_M)
     mask_q = offs_q < Q
     if ALL_SLOTS:
@@ -320,18 +324,27 @@ def _butterfly_dw_kernel(
         g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, B * Q], strides=[stride_gm, 1], block_shape=[BLOCK_K, BLOCK_M])
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, B * P], strides=[stride_xm, 1], block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, SLOTS * BLOCK_N if ALL_SLOTS else BLOCK_N), dtype=tl.float32)
+    if REST_N > 0:
+        offs_p2 = p0 + BLOCK_N + tl.arange(0, REST_N)
+        mask_p2 = offs_p2 < P
+        x2_ptrs = x_ptr + offs_k[:, None] * stride_xm + (partner * P + offs_p2)[None, :]
+        acc2 = tl.zeros((BLOCK_M, REST_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_k = offs_k + (k0 - k_begin) < k_end
         if USE_TMA:
             g = g_desc.load([k0, r * Q + q0]).T
             x = x_desc.load([k0, partner * P + p0])
         else:
-            mask_k = offs_k + (k0 - k_begin) < k_end
             g = tl.load(g_ptrs, mask=mask_q[:, None] & mask_k[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         if UPCAST:
             g = g.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+        if REST_N > 0:  # the rest's X columns by pointer loads, in TMA configs too (a narrow tile)
+            x2 = tl.load(x2_ptrs, mask=mask_k[:, None] & mask_p2[None, :], other=0.0)
+            acc2 = tl.dot(g, x2.to(g.dtype), acc2, input_precision=DOT_PRECISION)
+            x2_ptrs += BLOCK_K * stride_xm
         g_ptrs += BLOCK_K * stride_gm
         x_ptrs += BLOCK_K * stride_xm
     dw_ptrs = dw_ptr + (stored * Q + offs_q[:, None]) * P + offs_p[None, :]
@@ -339,6 +352,12 @@ def _butterfly_dw_kernel(
         tl.atomic_add(dw_ptrs, acc, mask=mask_q[:, None] & mask_p[None, :], sem="relaxed")
     else:
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p[None, :])
+    if REST_N > 0:
+        dw2_ptrs = dw_ptr + (stored * Q + offs_q[:, None]) * P + offs_p2[None, :]
+        if ATOMIC:
+            tl.atomic_add(dw2_ptrs, acc2, mask=mask_q[:, None] & mask_p2[None, :], sem="relaxed")
+        else:
+            tl.store(dw2_ptrs, acc2.to(dw_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_p2[None, :])
 
 
 def _tile(n: int, lo: int, hi: int) -> int:
@@ -354,10 +373,12 @@ def _config(block_m, block_n, block_k, warps, stages, tma=False, persistent=Fals
                           "FULL_PATCH_N": full_n}, num_warps=warps, num_stages=stages)
 
 
-def _dw_config(block_m, block_n, block_k, warps, stages, tma=False, all_slots=False, split_k=1):
-    """A dW kernel config: all_slots = one program per patch computes every slot; split_k = token splits."""
+def _dw_config(block_m, block_n, block_k, warps, stages, tma=False, all_slots=False, split_k=1, full_n=False):
+    """A dW kernel config: all_slots = one program per patch computes every slot; split_k = token splits; full_n =
+    one tile spans the patch's p columns as block_n plus a narrower rest."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "USE_TMA": tma,
-                          "ALL_SLOTS": all_slots, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
+                          "ALL_SLOTS": all_slots, "SPLIT_K": split_k, "FULL_PATCH_N": full_n},
+                         num_warps=warps, num_stages=stages)
 
 
 # (rows, cols, k) tiles tried on the GPU; pruned to what the patch sizes can fill. For the dW kernel the
@@ -395,7 +416,9 @@ def _dw_configs(split_k: int, all_slots_tiles):
     """The dW tiles tried per slot (pointer loads, and TMA where the tile allows), and the all-slot ones."""
     return ([_dw_config(*t, split_k=split_k) for t in _TILES + _DW_SMALL_TILES + _NARROW_TILES]
             + [_dw_config(*t, tma=True, split_k=split_k) for t in _TMA_TILES + _NARROW_TILES]
-            + [_dw_config(*t, all_slots=True, split_k=split_k) for t in all_slots_tiles])
+            + [_dw_config(*t, all_slots=True, split_k=split_k) for t in all_slots_tiles]
+            + [_dw_config(*t, full_n=True, split_k=split_k) for t in _FULL_N_TILES[:4]]
+            + [_dw_config(*t, tma=True, full_n=True, split_k=split_k) for t in _FULL_N_TILES[:3]])
 
 
 DW_CONFIGS = _dw_configs(1, _ALL_SLOTS_TILES[:2])
@@ -483,7 +506,7 @@ def _prune_dw(configs, named_args):
 
     def ok(c):
         kw = c.kwargs
-        if kw["ALL_SLOTS"] and (slots == 1 or kw["USE_TMA"] or kw["BLOCK_M"] * slots * kw["BLOCK_N"] > 128 * 256):
+        if kw["ALL_SLOTS"] and (slots == 1 or kw["USE_TMA"] or kw["FULL_PATCH_N"] or kw["BLOCK_M"] * slots * kw["BLOCK_N"] > 128 * 256):
             return False
         return named_args["M"] // kw["SPLIT_K"] >= 1024 or kw["SPLIT_K"] == 1
 
@@ -575,7 +598,8 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
     config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m[, flat_k[,
     full_patch_n]]]]]]) for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent, flat_k only
     without TMA, full_patch_n only where the patch is block_n plus a narrower power of 2 of at least 16;
-    (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) for the dW kernel.
+    (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k[, full_patch_n]]]]) for the dW
+    kernel.
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
@@ -597,23 +621,24 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
     if "SPLIT_K" in kernel.arg_names:
         meta["ALL_SLOTS"] = len(flags) > 1 and bool(flags[1])
         meta["SPLIT_K"] = int(flags[2]) if len(flags) > 2 else 1
-        if meta["ALL_SLOTS"] and use_tma:
-            raise ValueError(f"config {config} asks for TMA and all slots per program; the gathered X tile needs "
-                             "pointer loads: set use_tma=False")
+        meta["FULL_PATCH_N"] = len(flags) > 3 and bool(flags[3])
+        if meta["ALL_SLOTS"] and (use_tma or meta["FULL_PATCH_N"]):
+            raise ValueError(f"config {config} asks for all slots per program with TMA or a tile across the patch; the "
+                             "gathered X tile needs pointer loads and one column width: set use_tma=False, full_patch_n=False")
     if "NUM_PROGRAMS" in kernel.arg_names:
         meta["PERSISTENT"] = len(flags) > 1 and bool(flags[1])
         meta["TMA_STORE"] = len(flags) > 2 and bool(flags[2])
         meta["GROUP_M"] = int(flags[3]) if len(flags) > 3 else 0
         meta["FLAT_K"] = len(flags) > 4 and bool(flags[4])
         meta["FULL_PATCH_N"] = len(flags) > 5 and bool(flags[5])
-        if meta["FULL_PATCH_N"] and not _n_rest(patch_n, block_n):
-            raise ValueError(f"config {config} asks for one tile across the patch, but the patch is {patch_n} "
-                             f"wide: that needs block_n plus a narrower power of 2 of at least 16; set full_patch_n=False")
         if meta["TMA_STORE"] and not use_tma:
             raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
         if meta["FLAT_K"] and use_tma:
             raise ValueError(f"config {config} asks for TMA and K steps across slots; those gather their K by "
                              "pointer loads: set use_tma=False")
+    if meta["FULL_PATCH_N"] and not _n_rest(patch_n, block_n):
+        raise ValueError(f"config {config} asks for one tile across the patch, but the patch is {patch_n} wide: that "
+                         "needs block_n plus a narrower power of 2 of at least 16; set full_patch_n=False")
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
 
 
@@ -718,8 +743,8 @@ def _dw_token_split(tiles: int, num_sms: int, traced: bool) -> bool:
 def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
     """dW[r, j] = dY[:, r]^T @ X[:, r ^ o_j]: grad (T, out), x (T, in) -> (B, F, q, p) in x's dtype.
 
-    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k]]]) to bypass the
-    autotuner; split_k > 1 sums the token splits atomically in fp32.
+    config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k[, full_patch_n]]]]) to
+    bypass the autotuner; split_k > 1 sums the token splits atomically in fp32.
     """
     _check("grad", grad, 2)
     _check("input", x, 2)
@@ -740,7 +765,8 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     target = (dw.zero_() if dw.dtype == torch.float32 else torch.zeros(dw.shape, dtype=torch.float32, device=dw.device)) if atomic else dw
 
     def grid(meta):
-        return B * (1 if meta["ALL_SLOTS"] else F), triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_N"]), meta["SPLIT_K"]
+        tile_p = meta["BLOCK_N"] + (_n_rest(p, meta["BLOCK_N"]) if meta["FULL_PATCH_N"] else 0)
+        return B * (1 if meta["ALL_SLOTS"] else F), triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, tile_p), meta["SPLIT_K"]
 
     args = (grad, x, target, M, q, p, B, grad.stride(0), x.stride(0))
     kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x), ATOMIC=atomic)
@@ -749,7 +775,7 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
         return _tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3
 
     tuned = _butterfly_dw_split_tuned if atomic else _butterfly_dw_tuned
-    _launch(_butterfly_dw_kernel, tuned, grid, args, kwargs, config, default)
+    _launch(_butterfly_dw_kernel, tuned, grid, args, kwargs, config, default, patch_n=p)
     if target is not dw:
         dw.copy_(target)
     return dw

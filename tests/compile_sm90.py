@@ -21,7 +21,7 @@ MM_COMMON = dict(F=3, RANK_BLOCK=32, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=
 FLAT_K_PATCH = dict(EVEN_K=False, K_CHUNK=16)  # K steps across slots are offered where 64 does not divide K: 48 here
 
 
-DW_COMMON = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True, Q_ALIGN=16, P_ALIGN=16, SLOTS=4)
+DW_COMMON = dict(F=3, UPCAST=False, DOT_PRECISION="tf32", TMA_ALIGNED=True, Q_ALIGN=16, P_ALIGN=16, SLOTS=4, REST_N=0)
 
 
 def compile_sm90(jit_fn, config, constants, not_divisible=()):
@@ -50,6 +50,8 @@ def cases():
     for atomic, configs in ((False, kernels.DW_CONFIGS), (True, kernels.DW_SPLIT_CONFIGS)):
         for config in configs:
             constants = {**DW_COMMON, "ATOMIC": atomic}
+            if config.kwargs["FULL_PATCH_N"]:
+                constants["REST_N"] = max(16, config.kwargs["BLOCK_N"] // 4)
             if config.kwargs["ALL_SLOTS"]:  # the most slots the pruning lets this tile take (accumulator <= 128 x 256)
                 slots = min(4, 128 * 256 // (config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]))
                 constants.update(F=slots, SLOTS=slots)

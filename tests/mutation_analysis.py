@@ -45,7 +45,7 @@ def dw_args(tma, atomic=False, tokens=256, B=4, F=3, q=64, p=64):
     args = dict(zip(kernels._butterfly_dw_kernel.fn.arg_names, values))
     return {**args, "F": F, "UPCAST": False, "DOT_PRECISION": "tf32", "TMA_ALIGNED": True, "ATOMIC": atomic, "BLOCK_M": 64,
             "BLOCK_N": 64, "BLOCK_K": 64, "USE_TMA": tma, "ALL_SLOTS": atomic and not tma, "SPLIT_K": 2 if atomic else 1,
-            "Q_ALIGN": 16, "P_ALIGN": 16, "SLOTS": 4}
+            "Q_ALIGN": 16, "P_ALIGN": 16, "SLOTS": 4, "FULL_PATCH_N": False, "REST_N": 0}
 
 
 def cases():

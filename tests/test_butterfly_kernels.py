@@ -253,9 +253,26 @@ def test_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags, block
         assert rel_err(dx, grad.double() @ full) < tol, layout.tile_shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags", [(False, False, 1, True), (True, False, 1, True), (False, False, 2, True), (True, False, 3, True)],
+                         ids=["pointer", "tma", "split2", "tma-split3"])
+def test_dw_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags):
+    """FULL_PATCH_N in the dW kernel: one tile spans the p columns of a patch 48 (32 + 16), 160 (128 + 32) or 80
+    (64 + 16) wide, the rest's X columns in a second accumulator fed by the same dY tile; alone, by TMA, and with the
+    tokens split 2 or 3 ways (fp32 atomic adds). The output starts as NaN."""
+    torch.manual_seed(zlib.crc32(repr((dtype, flags)).encode()))
+    for shape, block_n in (((37, 96, 192, 2, 1), 32), ((23, 320, 160, 2, 1), 128), ((29, 160, 320, 2, 1), 64)):
+        layout, weight, dense, x, grad = make_case(*shape, dtype)
+        dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+                                             out=torch.full_like(weight, float("nan")), config=(16, block_n, 16, 4, 1, *flags))
+        dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
+        assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype], layout.tile_shape
+
+
 def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
     """The autotuner gets FULL_PATCH_N configs where the patch is BLOCK_N plus a narrower power of 2 of at least 16,
-    with the two accumulators within 128 x 256; an explicit config elsewhere is refused with the fix."""
+    with the two accumulators within 128 x 256 (forward/dX: the patch's output columns; dW: its p columns); an
+    explicit config elsewhere is refused with the fix."""
     def offered(n_patch, k_patch=256):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True)
         kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
@@ -265,9 +282,17 @@ def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
     assert offered(48) == {(128, 32), (256, 32)} and offered(80) == {(128, 64)} and offered(96) == {(128, 64)}
     assert offered(320) == {(64, 256)}  # 256 + 64, only 64 rows
     assert offered(128) == offered(256) == offered(24) == offered(40) == set()  # powers of 2; rests under 16
+    # dW: the same rule on p, never with all slots per program (their gathered X tile has one column width)
+    dw_offered = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["ALL_SLOTS"]) for c in triton_impl._prune_dw(
+        triton_impl.DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=True)) if c.kwargs["FULL_PATCH_N"]}
+    assert dw_offered == {(128, 128, False), (64, 128, False)}
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 (in), 96 (out)
     with pytest.raises(ValueError, match="patch is 96 wide: that needs block_n plus a narrower power of 2"):
         triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, False, False, False, 0, False, True))
+    with pytest.raises(ValueError, match="patch is 48 wide"):
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 16, 16, 4, 1, False, False, 1, True))
+    with pytest.raises(ValueError, match="all slots per program with TMA or a tile across the patch"):
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, False, True, 1, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
