@@ -11,7 +11,8 @@ densified weight.
 Every output tile stays inside one output patch, so its K loop walks F contiguous slabs of the input.
 Accumulation is fp32; inputs are fp32, fp16 or bf16. The autotuner chooses per shape between pointer loads and
 TMA descriptor loads (Hopper's bulk tensor copies; only where the operands are 16-byte aligned), and for the
-forward/dX kernel between one tile per program and a persistent program per SM. Every config compiles for sm_90
+forward/dX kernel between one tile per program and a persistent program per SM; where a patch width is no power of
+2 (160 = 128 + 32), also tiles that span the patch in two power-of-2 column parts. Every config compiles for sm_90
 in CI without a GPU (tests/compile_sm90.py).
 """
 import functools
