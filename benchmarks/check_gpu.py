@@ -1,11 +1,16 @@
 """GPU check of the butterfly kernels: bf16 correctness grid on CUDA, then a first timing table.
 
     python benchmarks/check_gpu.py [--json PATH]
+    python benchmarks/check_gpu.py --every-config [--json PATH]
 
 Correctness: forward, dX and dW of the Triton kernels (autotuned) and a PixelflyLinear (sparse + low rank,
 with and without gate) in bf16 against an fp32 reference on fresh random inputs, outputs poisoned with NaN
 first; passes at relative Frobenius error <= 1e-2. Timing: GPT-2 small/medium MLP shapes, 16384 tokens, bf16,
 forward and forward+backward of PixelflyLinear against nn.Linear (cuBLAS), medians of triton's do_bench.
+
+--every-config checks instead every config the autotuner may pick for a few shapes (power-of-2 and 48-, 96-, 160-,
+192-wide patches, the token-split dW), each run explicitly: the autotuner keeps the fastest config without looking
+at its result, so a config that compiles wrongly on the GPU would otherwise only show where it happens to win.
 """
 import argparse
 import json
@@ -33,26 +38,80 @@ def rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+def random_case(tokens, in_f, out_f, bs, k, dtype, device):
+    """Weight, input, output gradient, bias, and the dense 0/1 mask of the layout."""
+    q, p = out_f // bs, in_f // bs
+    w = torch.randn(bs, k + 1, q, p, device=device, dtype=dtype) / p**0.5
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+    g = torch.randn(tokens, out_f, device=device, dtype=dtype)
+    b = torch.randn(out_f, device=device, dtype=dtype)
+    return w, x, g, b, butterfly_to_dense(torch.ones_like(w, dtype=torch.float32))
+
+
 def check_kernels(dtype=torch.bfloat16, device="cuda", grid=GRID):
     """Relative error per product and shape (device/grid other than the defaults: the CPU test of this script)."""
     rows = []
     for tokens, in_f, out_f, bs, k in grid:
-        q, p = out_f // bs, in_f // bs
-        w = torch.randn(bs, k + 1, q, p, device=device, dtype=dtype) / p**0.5
-        x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-        g = torch.randn(tokens, out_f, device=device, dtype=dtype)
-        b = torch.randn(out_f, device=device, dtype=dtype)
+        w, x, g, b, mask = random_case(tokens, in_f, out_f, bs, k, dtype, device)
         dense = butterfly_to_dense(w.float())
         y = kernels.butterfly_matmul(x, w, b, out=torch.full((tokens, out_f), float("nan"), device=device, dtype=dtype))
         dx = kernels.butterfly_matmul_t(g, w, out=torch.full_like(x, float("nan")))
         dw = kernels.butterfly_matmul_dw(g, x, k + 1, bs, out=torch.full_like(w, float("nan")))
-        mask = butterfly_to_dense(torch.ones_like(w, dtype=torch.float32))
         errs = {
             "fwd": rel_err(y, x.float() @ dense.T + b.float()),
             "dX": rel_err(dx, g.float() @ dense),
             "dW": rel_err(butterfly_to_dense(dw.float()), (g.float().T @ x.float()) * mask),
         }
         rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", **errs})
+    return rows
+
+
+# (tokens, in, out, butterfly_size, n_factors) for --every-config: patches 640x160, 192x48, 256x64 (4096 tokens: the
+# token-split dW configs keep >= 1024 tokens per share), 24x96
+EVERY_CONFIG_SHAPES = [(1000, 1280, 5120, 8, 2), (777, 768, 3072, 16, 2), (4096, 1024, 4096, 16, 2), (513, 3072, 768, 32, 2)]
+
+
+def _explicit(config, names):
+    """A triton.Config as the launchers' explicit config tuple (tile, warps, stages, then the flags in order)."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, *(kw[n] for n in names))
+
+
+def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_SHAPES, rank=32):
+    """Relative error of every config the autotuner would try, per shape and product (forward and dX with bias and
+    the rank-`rank` segment); outputs poisoned with NaN first."""
+    mm_flags = ("USE_TMA", "PERSISTENT", "TMA_STORE", "GROUP_M", "FLAT_K", "FULL_PATCH_N")
+    dw_flags = ("USE_TMA", "ALL_SLOTS", "SPLIT_K", "FULL_PATCH_N")
+    rows = []
+    for tokens, in_f, out_f, bs, k in shapes:
+        q, p = out_f // bs, in_f // bs
+        w, x, g, b, mask = random_case(tokens, in_f, out_f, bs, k, dtype, device)
+        u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
+        v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
+        full = butterfly_to_dense(w.float()) + u.float() @ v.float()
+        want = {"fwd": x.float() @ full.T + b.float(), "dX": g.float() @ full, "dW": (g.float().T @ x.float()) * mask}
+        aligned = kernels._tma_aligned(x, g, w.view(-1, p))
+        products = [("fwd", dict(N_PATCH=q, K_PATCH=p)), ("dX", dict(N_PATCH=p, K_PATCH=q))]
+        for product, sizes in products:
+            named = dict(M=tokens, TMA_ALIGNED=aligned, **sizes)
+            for config in kernels._prune(kernels.MM_CONFIGS, named, "M", "N_PATCH", "K_PATCH", "K_PATCH"):
+                explicit = _explicit(config, mm_flags)
+                if product == "fwd":
+                    got = kernels.butterfly_matmul(x, w, b, x @ v.T, u, config=explicit,
+                                                   out=torch.full((tokens, out_f), float("nan"), device=device, dtype=dtype))
+                else:
+                    got = kernels.butterfly_matmul_t(g, w, g @ u, v, config=explicit, out=torch.full_like(x, float("nan")))
+                rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", "product": product, "config": explicit,
+                             "err": rel_err(got, want[product])})
+        named = dict(M=tokens, Q=q, P=p, F=k + 1, TMA_ALIGNED=aligned)
+        split = [c for c in kernels.DW_SPLIT_CONFIGS if c.kwargs["SPLIT_K"] > 1]  # one share = a direct config
+        for config in kernels._prune_dw(kernels.DW_CONFIGS + split, named):
+            explicit = _explicit(config, dw_flags)
+            got = kernels.butterfly_matmul_dw(g, x, k + 1, bs, out=torch.full_like(w, float("nan")), config=explicit)
+            rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", "product": "dW", "config": explicit,
+                         "err": rel_err(butterfly_to_dense(got.float()), want["dW"])})
+        mine = [r for r in rows if r["shape"] == rows[-1]["shape"]]
+        print(f"  {rows[-1]['shape']}: {len(mine)} configs, worst error {max(r['err'] for r in mine):.2e}", flush=True)
     return rows
 
 
@@ -117,10 +176,24 @@ def time_mlp_shapes(tokens=16384, dtype=torch.bfloat16):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--every-config", action="store_true",
+                        help="only the correctness of every config the autotuner may pick, on a few shapes")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     torch.manual_seed(0)
+    if args.every_config:
+        rows = check_every_config()
+        failed = [r for r in rows if not r["err"] <= 1e-2]
+        for r in failed:
+            print(f"  FAIL {r['shape']} {r['product']} config {r['config']}: relative error {r['err']:.2e}")
+        print(f"every config: {len(rows)} runs over {len(EVERY_CONFIG_SHAPES)} shapes, worst error "
+              f"{max(r['err'] for r in rows):.2e} (limit 1e-2) => {'FAIL' if failed else 'PASS'}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                           "every_config": rows, "pass": not failed}, f, indent=1)
+        sys.exit(1 if failed else 0)
     kernel_rows, layer_rows = check_kernels(), check_layer()
     print("\nbf16 kernels, relative error vs fp32 reference (limit 1e-2)")
     for r in kernel_rows:

@@ -185,6 +185,18 @@ def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
     assert callable(module.main)
 
 
+def test_check_gpu_every_config_runs_and_passes_in_the_interpreter(monkeypatch):
+    """--every-config on CPU, fp32, one small shape (patches 80 x 160: the whole-patch tiles serve dX and dW): every
+    config the autotuner could pick there runs explicitly and matches the reference."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import check_gpu
+
+    rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=[(40, 320, 160, 2, 1)], rank=8)
+    assert {r["product"] for r in rows} == {"fwd", "dX", "dW"} and len(rows) >= 20
+    assert all(any(r["config"][-1] for r in rows if r["product"] == product) for product in ("dX", "dW"))  # FULL_PATCH_N
+    assert all(r["err"] < 1e-5 for r in rows), [r for r in rows if not r["err"] < 1e-5]
+
+
 def test_check_gpu_kernel_grid_runs_and_passes_in_the_interpreter(monkeypatch):
     """check_gpu's correctness grid on CPU, fp32, small shapes: a slip in the
     script shows here instead of in a paid GPU session."""
