@@ -440,6 +440,9 @@ MM_CONFIGS = ([_config(*t) for t in _TILES + _NARROW_TILES]
               + [_config(*t, tma=True, persistent=True, tma_store=store, group_m=8)
                  for t, store in (((128, 256, 64, 8, 4), False), ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), True))]
               + [_config(*t, flat_k=True) for t in _FLAT_K_TILES]
+              # the same K walk in persistent programs, whose descriptor stores let the next tile's loads run
+              + [_config(*t, persistent=True, tma_store=store, flat_k=True)
+                 for t, store in (((128, 128, 64, 8, 3), False), ((128, 128, 64, 8, 3), True), ((128, 256, 64, 8, 3), True))]
               + [_config(*t, full_n=True) for t in _FULL_N_TILES]
               + [_config(*t, tma=True, full_n=True) for t in _FULL_N_TILES[:3]]
               + [_config(128, 128, 64, 8, 4, tma=True, persistent=True, full_n=True),
@@ -486,7 +489,8 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
         return named_args["TMA_ALIGNED"] and (patch_k is None or _whole_k_tiles(named_args[patch_k], c.kwargs["BLOCK_K"]))
 
     def store_ok(c):
-        return not c.kwargs.get("TMA_STORE") or c.kwargs.get("FULL_PATCH_N") or named_args[cols] % c.kwargs["BLOCK_N"] == 0
+        return not c.kwargs.get("TMA_STORE") or (named_args["TMA_ALIGNED"] and (
+            c.kwargs.get("FULL_PATCH_N") or named_args[cols] % c.kwargs["BLOCK_N"] == 0))
 
     kept = [c for c in configs if fits(c) and (not c.kwargs["USE_TMA"] or tma_ok(c)) and store_ok(c)]
     # nothing fits (tiny patches): the smallest tile wastes the least
@@ -597,8 +601,9 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
     is a function, so the GPU path does not pay for computing it).
 
     config: (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, persistent[, tma_store[, group_m[, flat_k[,
-    full_patch_n]]]]]]) for the forward/dX kernel, tma_store only with use_tma, group_m only when persistent, flat_k only
-    without TMA, full_patch_n only where the patch is block_n plus a narrower power of 2 of at least 16;
+    full_patch_n]]]]]]) for the forward/dX kernel, use_tma and tma_store only on 16-byte aligned operands, group_m only
+    when persistent, flat_k only without TMA loads, full_patch_n only where the patch is block_n plus a narrower power
+    of 2 of at least 16;
     (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k[, full_patch_n]]]]) for the dW
     kernel.
     """
@@ -632,8 +637,9 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
         meta["GROUP_M"] = int(flags[3]) if len(flags) > 3 else 0
         meta["FLAT_K"] = len(flags) > 4 and bool(flags[4])
         meta["FULL_PATCH_N"] = len(flags) > 5 and bool(flags[5])
-        if meta["TMA_STORE"] and not use_tma:
-            raise ValueError(f"config {config} asks for descriptor stores without TMA; set use_tma too")
+        if meta["TMA_STORE"] and not kwargs["TMA_ALIGNED"]:
+            raise ValueError(f"config {config} asks for descriptor stores, but the operands are not 16-byte aligned; "
+                             "set tma_store=False")
         if meta["FLAT_K"] and use_tma:
             raise ValueError(f"config {config} asks for TMA and K steps across slots; those gather their K by "
                              "pointer loads: set use_tma=False")

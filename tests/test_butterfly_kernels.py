@@ -203,7 +203,8 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
     """FLAT_K (v18): the slots' K patches as one range, a step taking the end of one slot and the start of the next.
     Patches 48 (in) and 80 (out) wide: the forward walks 3 x 48 = 144 in 64-wide steps (the second spans slots 0 and
     1) and dX 3 x 80; 40 and 20 wide: 8- and 4-element chunks; 16 wide with 4 slots: 32-wide steps take two whole
-    slots. Low rank and bias ride along; the persistent schedule too."""
+    slots. Low rank and bias ride along; the persistent schedule too, also with descriptor stores (v20: the 32-wide
+    output patches of the last shape take them, the others fall back to the masked store)."""
     torch.manual_seed(zlib.crc32(repr((dtype, shape, block_k)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     rank = 8
@@ -211,8 +212,8 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
     bias = torch.randn(layout.out_features).to(dtype)
     tol = TOLERANCE[dtype] * 2
     full = dense + u.double() @ v.double()
-    for persistent in (False, True):
-        config = (32, 32, block_k, 4, 1, False, persistent, False, 0, True)
+    for persistent, store in ((False, False), (True, False), (True, True)):
+        config = (32, 32, block_k, 4, 1, False, persistent, store, 0, True)
         y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
                                          out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
         dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
@@ -224,7 +225,8 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
 WHOLE_PATCH_CASES = [pytest.param(flags, block_k, id=f"{name}-k{block_k}")
                      for name, flags in (("pointer", (False,)), ("tma", (True,)), ("tma-persistent", (True, True)),
                                          ("tma-persistent-store", (True, True, True)),
-                                         ("flat-k-persistent", (False, True, False, 0, True)))
+                                         ("flat-k-persistent", (False, True, False, 0, True)),
+                                         ("flat-k-persistent-store", (False, True, True, 0, True)))
                      for block_k in (16, 32, 64) if block_k < 64 or name == "pointer"]
 
 
@@ -344,6 +346,8 @@ def test_tma_config_refused_where_it_cannot_work():
     shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
+    with pytest.raises(ValueError, match="descriptor stores, but the operands are not 16-byte aligned"):
+        triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, False, True, True, 0, True))
     with pytest.raises(ValueError, match="K steps across slots"):
         triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, True, False, False, 0, True))
     with pytest.raises(ValueError, match="gathered X tile needs pointer loads"):
