@@ -20,10 +20,11 @@ def run_script(name, *args, hf_home, **env):
 
 
 def test_bench_e2e_dry_run_times_dense_and_pixelfly(tmp_path):
-    run_script("bench_e2e.py", "--dry-run", "--json", str(tmp_path / "e2e.json"), "--md", str(tmp_path / "e2e.md"),
-               hf_home=tmp_path)
+    run_script("bench_e2e.py", "--dry-run", "--vocab-multiple", "64", "--json", str(tmp_path / "e2e.json"),
+               "--md", str(tmp_path / "e2e.md"), hf_home=tmp_path)
     rows = json.loads((tmp_path / "e2e.json").read_text())["results"]
     assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("pixelfly", "ok")]
+    assert [r["vocab_size"] for r in rows] == [50304, 50304]  # GPT-2's 50257 padded for both variants
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
     assert 0 < rows[1]["pixelfly"]["density"] < 0.5 and rows[1]["params"] < rows[0]["params"]
     assert "| gpt2-tiny | pixelfly" in (tmp_path / "e2e.md").read_text()
