@@ -463,7 +463,7 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
     whole-patch column tiles (FULL_PATCH_N) only where the patch is BLOCK_N plus a narrower power of 2 and the two
     accumulators stay within 128 x 256;
     TMA configs only where the operands are 16-byte aligned and (forward/dX) K tiles stay inside a patch;
-    descriptor stores only where column tiles stay inside a patch."""
+    descriptor stores only where the operands are aligned and column tiles stay inside a patch."""
     sizes = {"BLOCK_M": named_args[rows], "BLOCK_N": named_args[cols], "BLOCK_K": named_args[k]}
 
     def fits(c):
