@@ -104,7 +104,9 @@ def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_
                 rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", "product": product, "config": explicit,
                              "err": rel_err(got, want[product])})
         named = dict(M=tokens, Q=q, P=p, F=k + 1, TMA_ALIGNED=aligned)
-        split = [c for c in kernels.DW_SPLIT_CONFIGS if c.kwargs["SPLIT_K"] > 1]  # one share = a direct config
+        # the split kernel's one-share configs are direct configs (explicit configs run them without the atomic
+        # store; the split ones below exercise it)
+        split = [c for c in kernels.DW_SPLIT_CONFIGS if c.kwargs["SPLIT_K"] > 1]
         for config in kernels._prune_dw(kernels.DW_CONFIGS + split, named):
             explicit = _explicit(config, dw_flags)
             got = kernels.butterfly_matmul_dw(g, x, k + 1, bs, out=torch.full_like(w, float("nan")), config=explicit)

@@ -70,17 +70,16 @@ def _mm_tile(
             partner = r ^ ((1 << j) >> 1)
             w_row = partner if PARTNER_WEIGHT else r
             mask_k = kv < F * K_PATCH
+            w_k = w_ptr + (w_row * stride_wr + j * stride_wj + kk * stride_wk)[:, None]  # each K element's weight row
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + (partner * K_PATCH + kk)[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + (w_row * stride_wr + j * stride_wj + kk * stride_wk)[:, None] + offs_n[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_k + offs_n[None, :] * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
             if REST_N > 0:
-                w2 = tl.load(w_ptr + (w_row * stride_wr + j * stride_wj + kk * stride_wk)[:, None] + offs_n2[None, :] * stride_wn,
-                             mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+                w2 = tl.load(w_k + offs_n2[None, :] * stride_wn, mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
                 acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
     else:
         # one flat loop over (slot j, k step) so the software pipeline runs across slot boundaries. TAIL_K > 0: BLOCK_K
@@ -88,6 +87,8 @@ def _mm_tile(
         k_steps = K_PATCH // BLOCK_K if TAIL_K > 0 else tl.cdiv(K_PATCH, BLOCK_K)
         a_rows = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
         w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        if REST_N > 0:
+            w2_cols = w_ptr + offs_n2[None, :] * stride_wn + offs_k[:, None] * stride_wk
         for step in range(0, F * k_steps):
             j = step // k_steps
             k0 = (step - j * k_steps) * BLOCK_K
@@ -95,7 +96,8 @@ def _mm_tile(
             # forward reads weight[r, j] transposed; dX reads weight[partner, j] as stored
             w_row = partner if PARTNER_WEIGHT else r
             a_ptrs = a_rows + partner * K_PATCH + k0
-            w_ptrs = w_cols + w_row * stride_wr + j * stride_wj + k0 * stride_wk
+            w_slot = w_row * stride_wr + j * stride_wj + k0 * stride_wk
+            w_ptrs = w_cols + w_slot
             if USE_TMA:
                 a = a_desc.load([pid_m * BLOCK_M, partner * K_PATCH + k0])
                 if PARTNER_WEIGHT:
@@ -114,11 +116,10 @@ def _mm_tile(
                 w = w.to(tl.float32)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
             if REST_N > 0:  # the rest's weight columns by pointer loads, in TMA configs too (a narrow tile)
-                w2_ptrs = w_ptr + w_row * stride_wr + j * stride_wj + (k0 + offs_k)[:, None] * stride_wk + offs_n2[None, :] * stride_wn
                 if EVEN_K or TAIL_K > 0:
-                    w2 = tl.load(w2_ptrs, mask=mask_n2[None, :], other=0.0)
+                    w2 = tl.load(w2_cols + w_slot, mask=mask_n2[None, :], other=0.0)
                 else:
-                    w2 = tl.load(w2_ptrs, mask=(offs_k + k0 < K_PATCH)[:, None] & mask_n2[None, :], other=0.0)
+                    w2 = tl.load(w2_cols + w_slot, mask=(offs_k + k0 < K_PATCH)[:, None] & mask_n2[None, :], other=0.0)
                 acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
         if TAIL_K > 0:
             # the last TAIL_K (a power of 2, >= 16) columns of every slot: a narrow step of their own instead of a
@@ -127,16 +128,15 @@ def _mm_tile(
             for j in tl.static_range(F):
                 partner = r ^ ((1 << j) >> 1)
                 w_row = partner if PARTNER_WEIGHT else r
+                w_t = w_ptr + w_row * stride_wr + j * stride_wj + offs_t[:, None] * stride_wk  # the tail's weight rows
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + partner * K_PATCH + offs_t[None, :], mask=mask_m[:, None], other=0.0)
-                w = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n[None, :] * stride_wn + offs_t[:, None] * stride_wk,
-                            mask=mask_n[None, :], other=0.0)
+                w = tl.load(w_t + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
                 if REST_N > 0:
-                    w2 = tl.load(w_ptr + w_row * stride_wr + j * stride_wj + offs_n2[None, :] * stride_wn + offs_t[:, None] * stride_wk,
-                                 mask=mask_n2[None, :], other=0.0)
+                    w2 = tl.load(w_t + offs_n2[None, :] * stride_wn, mask=mask_n2[None, :], other=0.0)
                     acc2 = tl.dot(a, w2.to(a.dtype), acc2, input_precision=DOT_PRECISION)
     if RANK_BLOCK > 0:
         # the low-rank term as one more K segment: Z (M x rank) times the factor's columns of this patch
@@ -184,6 +184,11 @@ def _n_rest(n_patch: int, block_n: int) -> int:
     return rest if 16 <= rest < block_n and rest & (rest - 1) == 0 else 0
 
 
+def _rest_of(n_patch: int, meta) -> int:
+    """REST_N of a config (its meta-parameters): the rest width where it asks for whole-patch tiles, else 0."""
+    return _n_rest(n_patch, meta["BLOCK_N"]) if meta["FULL_PATCH_N"] else 0
+
+
 def _k_tail(k_patch: int, block_k: int) -> int:
     """Width of each slot's last K step when block_k does not divide the patch: the rest, if it is a power of 2 of
     at least 16 (one tensor-core step); else 0, and a masked full-width step takes it."""
@@ -191,7 +196,7 @@ def _k_tail(k_patch: int, block_k: int) -> int:
     return rest if rest >= 16 and rest & (rest - 1) == 0 else 0
 
 
-@triton.heuristics({"REST_N": lambda args: _n_rest(args["N_PATCH"], args["BLOCK_N"]) if args["FULL_PATCH_N"] else 0,
+@triton.heuristics({"REST_N": lambda args: _rest_of(args["N_PATCH"], args),
                      "EVEN_K": lambda args: args["K_PATCH"] % args["BLOCK_K"] == 0,
                      "EVEN_N": lambda args: args["N_PATCH"] % (args["BLOCK_N"] + args["REST_N"]) == 0,
                      "K_ALIGN": lambda args: _pow2_divisor(args["K_PATCH"]),
@@ -272,7 +277,7 @@ def _butterfly_mm_kernel(
 
 @triton.heuristics({"Q_ALIGN": lambda args: _pow2_divisor(args["Q"]), "P_ALIGN": lambda args: _pow2_divisor(args["P"]),
                      "SLOTS": lambda args: triton.next_power_of_2(args["F"]),
-                     "REST_N": lambda args: _n_rest(args["P"], args["BLOCK_N"]) if args["FULL_PATCH_N"] else 0})
+                     "REST_N": lambda args: _rest_of(args["P"], args)})
 @triton.jit
 def _butterfly_dw_kernel(
     g_ptr, x_ptr, dw_ptr,
@@ -709,8 +714,7 @@ def _launch_mm(a, weight, bias, z, lowrank, partner_weight: bool, out, config) -
     num_sms = _num_sms(a.device)
 
     def grid(meta):
-        tile_n = meta["BLOCK_N"] + (_n_rest(n_patch, meta["BLOCK_N"]) if meta["FULL_PATCH_N"] else 0)
-        tiles = (triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, tile_n))
+        tiles = (triton.cdiv(M, meta["BLOCK_M"]), B * triton.cdiv(n_patch, meta["BLOCK_N"] + _rest_of(n_patch, meta)))
         return (min(num_sms, tiles[0] * tiles[1]), 1) if meta["PERSISTENT"] else tiles
 
     args = (a, weight, bias if bias is not None else a, z if rank else a, lowrank if rank else a, out,
@@ -772,8 +776,8 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     target = (dw.zero_() if dw.dtype == torch.float32 else torch.zeros(dw.shape, dtype=torch.float32, device=dw.device)) if atomic else dw
 
     def grid(meta):
-        tile_p = meta["BLOCK_N"] + (_n_rest(p, meta["BLOCK_N"]) if meta["FULL_PATCH_N"] else 0)
-        return B * (1 if meta["ALL_SLOTS"] else F), triton.cdiv(q, meta["BLOCK_M"]) * triton.cdiv(p, tile_p), meta["SPLIT_K"]
+        tiles_p = triton.cdiv(p, meta["BLOCK_N"] + _rest_of(p, meta))
+        return B * (1 if meta["ALL_SLOTS"] else F), triton.cdiv(q, meta["BLOCK_M"]) * tiles_p, meta["SPLIT_K"]
 
     args = (grad, x, target, M, q, p, B, grad.stride(0), x.stride(0))
     kwargs = dict(F=F, UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(x.dtype), TMA_ALIGNED=_tma_aligned(grad, x), ATOMIC=atomic)
