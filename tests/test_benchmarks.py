@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from bounds_check import checked_accesses
 from helpers_recipes import ROOT, recipe_env
 
 BENCHMARKS = ROOT / "benchmarks"
@@ -188,11 +189,13 @@ def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
 
 def test_check_gpu_every_config_runs_and_passes_in_the_interpreter(monkeypatch):
     """--every-config on CPU, fp32, one small shape (patches 80 x 160: the whole-patch tiles serve dX and dW): every
-    config the autotuner could pick there runs explicitly and matches the reference."""
+    config the autotuner could pick there runs explicitly, touches no memory outside its tensors, and matches the
+    reference."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import check_gpu
 
-    rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=[(40, 320, 160, 2, 1)], rank=8)
+    with checked_accesses():
+        rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=[(40, 320, 160, 2, 1)], rank=8)
     assert {r["product"] for r in rows} == {"fwd", "dX", "dW"} and len(rows) >= 20
     assert all(any(r["config"][-1] for r in rows if r["product"] == product) for product in ("dX", "dW"))  # FULL_PATCH_N
     assert all(r["err"] < 1e-5 for r in rows), [r for r in rows if not r["err"] < 1e-5]

@@ -4,7 +4,10 @@ import zlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from backends import BACKENDS
+from bounds_check import checked_accesses
 
 from pixelfly_hf.patterns import FlatButterflyLayout
 from pixelfly_kernels import butterfly_matmul as triton_impl
@@ -288,6 +291,9 @@ def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
     dw_offered = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["ALL_SLOTS"]) for c in triton_impl._prune_dw(
         triton_impl.DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=True)) if c.kwargs["FULL_PATCH_N"]}
     assert dw_offered == {(128, 128, False), (64, 128, False)}
+    # ... and only on 16-byte aligned dY and X (session 9: an illegal memory access on the H200 otherwise)
+    assert not any(c.kwargs["FULL_PATCH_N"] for c in triton_impl._prune_dw(
+        triton_impl.DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=False)))
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 (in), 96 (out)
     with pytest.raises(ValueError, match="patch is 96 wide: that needs block_n plus a narrower power of 2"):
         triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, False, False, False, 0, False, True))
@@ -295,6 +301,9 @@ def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
         triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 16, 16, 4, 1, False, False, 1, True))
     with pytest.raises(ValueError, match="all slots per program with TMA or a tile across the patch"):
         triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, False, True, 1, True))
+    shifted = torch.randn(20, 193)[:, 1:]  # X's base 4 bytes past an aligned one
+    with pytest.raises(ValueError, match="dW tile across the patch, but dY or X is not 16-byte aligned"):
+        triton_impl.butterfly_matmul_dw(grad, shifted, 2, 4, config=(32, 32, 16, 4, 1, False, False, 1, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -337,6 +346,24 @@ def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
     assert not any(all_slots and m * 4 * n > 128 * 256 for m, n, all_slots, _ in wide)
     assert {split for *_, split in offered(2000, 256, 64, 3)} == {1}
     assert not any(all_slots for _, _, all_slots, _ in offered(16384, 256, 64, 1))  # one slot: nothing to share
+
+
+def test_bounds_check_stops_a_kernel_that_reads_past_its_tensor():
+    """tests/bounds_check.py (used by the every-config test) must catch what the GPU would stop on: a masked load one
+    element past the storage, and a store past it; a view's storage beyond the view is still the tensor's memory."""
+    @triton.jit
+    def copy(x_ptr, y_ptr, n_read, n_write, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n_read, other=0.0), mask=offs < n_write)
+
+    x, y = torch.randn(12)[:10], torch.full((10,), float("nan"))
+    with checked_accesses():
+        copy[(1,)](x, y, 12, 10, BLOCK=16)  # reads the 2 elements of x's storage past the view
+        assert torch.equal(y, x)
+        with pytest.raises(Exception, match="load outside every tensor of the launch"):
+            copy[(1,)](x, y, 13, 10, BLOCK=16)
+        with pytest.raises(Exception, match="store outside every tensor of the launch"):
+            copy[(1,)](x, y, 10, 11, BLOCK=16)
 
 
 def test_tma_config_refused_where_it_cannot_work():
