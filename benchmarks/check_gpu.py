@@ -67,9 +67,17 @@ def check_kernels(dtype=torch.bfloat16, device="cuda", grid=GRID):
     return rows
 
 
-# (tokens, in, out, butterfly_size, n_factors) for --every-config: patches 640x160, 192x48, 256x64 (4096 tokens: the
-# token-split dW configs keep >= 1024 tokens per share), 24x96
-EVERY_CONFIG_SHAPES = [(1000, 1280, 5120, 8, 2), (777, 768, 3072, 16, 2), (4096, 1024, 4096, 16, 2), (513, 3072, 768, 32, 2)]
+# (tokens, in, out, butterfly_size, n_factors[, misaligned]) for --every-config: patches 640x160, 192x48, 256x64 (4096
+# tokens: the token-split dW configs keep >= 1024 tokens per share), 24x96; and 160x80 with X and dY starting 2 bytes
+# past 16-byte alignment (no TMA; session 9: a dW config that ran on aligned inputs made an illegal memory access there)
+EVERY_CONFIG_SHAPES = [(1000, 1280, 5120, 8, 2), (777, 768, 3072, 16, 2), (4096, 1024, 4096, 16, 2), (513, 3072, 768, 32, 2),
+                       (517, 640, 1280, 8, 2, "misaligned")]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose base address is one element past a 16-byte aligned one."""
+    buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    return buffer[1:].view(t.shape).copy_(t)
 
 
 def _explicit(config, names):
@@ -84,9 +92,12 @@ def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_
     mm_flags = ("USE_TMA", "PERSISTENT", "TMA_STORE", "GROUP_M", "FLAT_K", "FULL_PATCH_N")
     dw_flags = ("USE_TMA", "ALL_SLOTS", "SPLIT_K", "FULL_PATCH_N")
     rows = []
-    for tokens, in_f, out_f, bs, k in shapes:
+    for tokens, in_f, out_f, bs, k, *misaligned in shapes:
         q, p = out_f // bs, in_f // bs
         w, x, g, b, mask = random_case(tokens, in_f, out_f, bs, k, dtype, device)
+        if misaligned:
+            x, g = _misaligned(x), _misaligned(g)
+        label = f"{tokens}x{in_f}->{out_f} bs={bs} k={k}" + (" misaligned" if misaligned else "")
         u = torch.randn(out_f, rank, device=device, dtype=dtype) / rank**0.5
         v = torch.randn(rank, in_f, device=device, dtype=dtype) / in_f**0.5
         full = butterfly_to_dense(w.float()) + u.float() @ v.float()
@@ -103,7 +114,7 @@ def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_
                 else:
                     run = functools.partial(kernels.butterfly_matmul_t, g, w, g @ u, v, config=explicit,
                                             out=torch.full_like(x, float("nan")))
-                rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", "product": product, "config": explicit,
+                rows.append({"shape": label, "product": product, "config": explicit,
                              **_error_or_skip(run, lambda got: rel_err(got, want[product]))})
         named = dict(M=tokens, Q=q, P=p, F=k + 1, TMA_ALIGNED=aligned)
         # the split kernel's one-share configs are direct configs (explicit configs run them without the atomic
@@ -113,7 +124,7 @@ def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_
             explicit = _explicit(config, dw_flags)
             run = functools.partial(kernels.butterfly_matmul_dw, g, x, k + 1, bs, out=torch.full_like(w, float("nan")),
                                     config=explicit)
-            rows.append({"shape": f"{tokens}x{in_f}->{out_f} bs={bs} k={k}", "product": "dW", "config": explicit,
+            rows.append({"shape": label, "product": "dW", "config": explicit,
                          **_error_or_skip(run, lambda got: rel_err(butterfly_to_dense(got.float()), want["dW"]))})
         mine = [r for r in rows if r["shape"] == rows[-1]["shape"]]
         ran = [r["err"] for r in mine if "skipped" not in r]

@@ -194,9 +194,12 @@ def test_check_gpu_every_config_runs_and_passes_in_the_interpreter(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import check_gpu
 
+    shapes = [(40, 320, 160, 2, 1), (40, 320, 160, 2, 1, "misaligned")]  # the second: X and dY one element off
     with checked_accesses():
-        rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=[(40, 320, 160, 2, 1)], rank=8)
-    assert {r["product"] for r in rows} == {"fwd", "dX", "dW"} and len(rows) >= 20
+        rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=shapes, rank=8)
+    assert {r["product"] for r in rows} == {"fwd", "dX", "dW"} and len(rows) >= 40
+    misaligned = [r for r in rows if r["shape"].endswith("misaligned")]
+    assert len(misaligned) >= 10 and not any(r["config"][5] for r in misaligned)  # pointer loads only: no TMA
     assert all(any(r["config"][-1] for r in rows if r["product"] == product) for product in ("dX", "dW"))  # FULL_PATCH_N
     assert all(r["err"] < 1e-5 for r in rows), [r for r in rows if not r["err"] < 1e-5]
 
