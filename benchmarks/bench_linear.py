@@ -314,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time calls replayed from a CUDA graph (GPU time alone, no Python launch in between); "
                              "the bare products only, without the eager layer, Monarch and BSR rows")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="call every product once, untimed: compiles and autotunes, filling Triton's autotuner "
+                             "cache on disk (TRITON_CACHE_DIR) for a later run that measures without tuning")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, fp32, tiny shapes, kernels in Triton's interpreter (set TRITON_INTERPRET=1)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
@@ -323,7 +326,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.gpus > 1 and (args.merge or args.lowrank_breakdown):
         parser.error("--gpus splits a table run; it does not combine with --merge or --lowrank-breakdown")
-    timing.CUDA_GRAPHS = args.cuda_graphs
+    timing.CUDA_GRAPHS, timing.TUNE_ONLY = args.cuda_graphs, args.tune_only
     if args.merge:
         merge(args.merge, args.json, args.plot)
         return
@@ -366,7 +369,8 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                           "tokens": tokens, "timing": "cuda graph" if args.cuda_graphs else "do_bench",
+                           "tokens": tokens, "timing": "tune only (untimed)" if args.tune_only
+                           else "cuda graph" if args.cuda_graphs else "do_bench",
                            "copy_bandwidth_gbs": bandwidth, "rows": rows, "tuning": tuning,
                            "chosen_configs": chosen_configs()}, f, indent=1)
 
@@ -391,7 +395,8 @@ def split_over_gpus(args, shapes):
             part, log = stem.with_suffix(f".gpu{gpu}.json"), stem.with_suffix(f".gpu{gpu}.log")
             command = [sys.executable, __file__, "--tokens", str(args.tokens), "--shapes", *mine, "--json", str(part)]
             command += ["--layouts", *args.layouts] if args.layouts else []
-            command += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--dry-run", args.dry_run)) if on]
+            command += [flag for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--tune-only", args.tune_only),
+                                              ("--dry-run", args.dry_run)) if on]
             print(f"GPU {gpu}: {' '.join(mine)}", flush=True)
             procs.append((gpu, log, subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                                      env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)})))

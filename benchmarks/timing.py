@@ -9,6 +9,9 @@ import torch
 # outlasts do_bench's L2 flush is timed with the GPU idle). True: the calls replayed from a CUDA graph, so the time
 # is the GPU's alone (what a compiled model under CUDA graphs gets); the input sets still rotate inside the graph.
 CUDA_GRAPHS = False
+# True: each fn runs once, untimed (NaN): a run that only compiles and autotunes, filling Triton's autotuner cache
+# on disk (TRITON_CACHE_DIR) so that a later run, in a later GPU call, measures without tuning
+TUNE_ONLY = False
 
 
 def median_ms(fn, input_sets, warmup=25, rep=100):
@@ -19,6 +22,9 @@ def median_ms(fn, input_sets, warmup=25, rep=100):
         fn(*input_sets[state["i"] % len(input_sets)])
         state["i"] += 1
 
+    if TUNE_ONLY:
+        step()
+        return float("nan")
     if not torch.cuda.is_available():
         return cpu_median_ms(step)
     import triton.testing

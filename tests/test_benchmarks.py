@@ -57,6 +57,19 @@ def test_bench_linear_cuda_graphs_times_the_bare_products_only(tmp_path):
                                                    "pixelfly kernels + r=32"]
 
 
+def test_bench_linear_tune_only_calls_every_product_once_untimed(tmp_path):
+    """--tune-only (a GPU call that fills the autotuner's disk cache for a later, measuring call): every product runs,
+    no time is reported, and the JSON says so; the split over GPUs passes it on."""
+    run_script("bench_linear.py", "--dry-run", "--tune-only", "--gpus", "2", "--json", str(tmp_path / "t.json"),
+               hf_home=tmp_path, TRITON_INTERPRET="1")
+    parts = [json.loads((tmp_path / f"t.gpu{i}.json").read_text()) for i in range(2)]
+    assert [p["timing"] for p in parts] == ["tune only (untimed)"] * 2
+    rows = [r for p in parts for r in p["rows"]]
+    assert {r["shape"] for r in rows} == {"64->128", "128->64"} and len(rows) >= 12
+    assert all(r["total_ms"] != r["total_ms"] for r in rows if "total_ms" in r)  # NaN: not timed
+    assert all(t["first_call_s"] > 0 for p in parts for t in p["tuning"])
+
+
 def test_probe_attention_kernel_matches_masked_sdpa_in_the_interpreter(tmp_path):
     """The own-kernel probe (issue 4) is a GPU go/no-go measurement; its kernels (output, dQ, dK, dV) must be right
     before they are timed."""
