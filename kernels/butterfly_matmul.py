@@ -525,8 +525,9 @@ def _prune_dw(configs, named_args):
         # session 9, H200, Triton 3.6: a whole-patch tile (80 = 64 + 16) on a dY/X base 2 bytes past 16-byte alignment
         # stopped with an illegal memory access; the same config on aligned operands, and the forward/dX kernels'
         # whole-patch tiles on misaligned inputs, ran right. The interpreter finds every address in bounds
-        # (tests/bounds_check.py); the compiled non-pipelined path holds its three dot operands (26 KB) in 24 KB of
-        # shared memory. Suspected code generation, not root-caused: such operands get the other tiles.
+        # (tests/bounds_check.py), and the sm_90 code read on CPU (2-byte loads, no pipelining; the rest's X tile
+        # reuses the main one's shared buffer after a wgmma wait) shows no fault. Not root-caused: such operands get
+        # the other tiles.
         if kw["FULL_PATCH_N"] and not named_args["TMA_ALIGNED"]:
             return False
         return named_args["M"] // kw["SPLIT_K"] >= 1024 or kw["SPLIT_K"] == 1
