@@ -4,7 +4,7 @@ The interpreter reads and writes raw addresses: a load past a tensor's end retur
 corrupts it, silently, where the GPU stops with an illegal memory access (session 9: a config that passed every
 interpreter test crashed the GPU). Inside `checked_accesses()` every load, store and atomic a kernel issues under
 its mask must fall inside the storage of one of the tensors that launch was given, or an AssertionError names the
-access, the first bad address and the ranges.
+access, the first bad address and the ranges. tests/conftest.py applies it to every test that runs in the interpreter.
 """
 import contextlib
 

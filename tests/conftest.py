@@ -12,6 +12,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _kernel_accesses_in_bounds():
+    """In the interpreter every Triton launch of every test must touch only its own tensors' memory: on the GPU an
+    access past them stops the process, in the interpreter it would silently read or corrupt what lies there."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from bounds_check import checked_accesses
+
+    with checked_accesses():
+        yield
+
+
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
     """An empty HF_HOME per test module for the recipe subprocesses (no shared dataset cache between modules)."""

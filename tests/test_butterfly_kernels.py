@@ -27,6 +27,7 @@ SHAPES = [
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
+
 def dense_mask(layout: FlatButterflyLayout) -> torch.Tensor:
     return layout.element_mask().to(torch.float64)
 
@@ -349,7 +350,7 @@ def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
 
 
 def test_bounds_check_stops_a_kernel_that_reads_past_its_tensor():
-    """tests/bounds_check.py (used by the every-config test) must catch what the GPU would stop on: a masked load one
+    """tests/bounds_check.py (conftest applies it to every test in the interpreter) must catch what the GPU would stop on: a masked load one
     element past the storage, and a store past it; a view's storage beyond the view is still the tensor's memory."""
     @triton.jit
     def copy(x_ptr, y_ptr, n_read, n_write, BLOCK: tl.constexpr):
