@@ -619,7 +619,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
     when persistent, flat_k only without TMA loads, full_patch_n only where the patch is block_n plus a narrower power
     of 2 of at least 16;
     (block_m, block_n, block_k, num_warps, num_stages[, use_tma[, all_slots[, split_k[, full_patch_n]]]]) for the dW
-    kernel.
+    kernel, full_patch_n there also only on 16-byte aligned operands (see _prune_dw).
     """
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)

@@ -51,13 +51,13 @@ def checked_accesses():
         check("atomic", ptrs, mask)
         return atomic(self, op, ptrs, val, mask, *args, **kwargs)
 
-    patches = [(interpreter.GridExecutor, "_init_args_hst", recording_init_args),
-               (builder, "create_masked_load", checked_load), (builder, "create_masked_store", checked_store),
-               (builder, "create_atomic_rmw", checked_atomic)]
+    patches = [(interpreter.GridExecutor, "_init_args_hst", recording_init_args, init_args),
+               (builder, "create_masked_load", checked_load, load), (builder, "create_masked_store", checked_store, store),
+               (builder, "create_atomic_rmw", checked_atomic, atomic)]
     try:
-        for owner, name, fn in patches:
-            setattr(owner, name, fn)
+        for owner, name, checked, _ in patches:
+            setattr(owner, name, checked)
         yield
     finally:
-        for owner, name, fn in zip([p[0] for p in patches], [p[1] for p in patches], (init_args, load, store, atomic)):
-            setattr(owner, name, fn)
+        for owner, name, _, original in patches:
+            setattr(owner, name, original)

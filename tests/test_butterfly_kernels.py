@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 from backends import BACKENDS
-from bounds_check import checked_accesses
 
 from pixelfly_hf.patterns import FlatButterflyLayout
 from pixelfly_kernels import butterfly_matmul as triton_impl
@@ -25,7 +24,6 @@ SHAPES = [
     (23, 160, 80, 4, 2),  # 40- and 20-wide patches: the kernels' alignment hints are 8 and 4 elements here
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
 
 
 def dense_mask(layout: FlatButterflyLayout) -> torch.Tensor:
@@ -350,21 +348,21 @@ def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
 
 
 def test_bounds_check_stops_a_kernel_that_reads_past_its_tensor():
-    """tests/bounds_check.py (conftest applies it to every test in the interpreter) must catch what the GPU would stop on: a masked load one
-    element past the storage, and a store past it; a view's storage beyond the view is still the tensor's memory."""
+    """The bounds check conftest applies to every test in the interpreter (tests/bounds_check.py) must catch what the
+    GPU would stop on: a masked load one element past the storage, and a store past it; a view's storage beyond the
+    view is still the tensor's memory. Without that suite-wide check this test fails too."""
     @triton.jit
     def copy(x_ptr, y_ptr, n_read, n_write, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n_read, other=0.0), mask=offs < n_write)
 
     x, y = torch.randn(12)[:10], torch.full((10,), float("nan"))
-    with checked_accesses():
-        copy[(1,)](x, y, 12, 10, BLOCK=16)  # reads the 2 elements of x's storage past the view
-        assert torch.equal(y, x)
-        with pytest.raises(Exception, match="load outside every tensor of the launch"):
-            copy[(1,)](x, y, 13, 10, BLOCK=16)
-        with pytest.raises(Exception, match="store outside every tensor of the launch"):
-            copy[(1,)](x, y, 10, 11, BLOCK=16)
+    copy[(1,)](x, y, 12, 10, BLOCK=16)  # reads the 2 elements of x's storage past the view
+    assert torch.equal(y, x)
+    with pytest.raises(Exception, match="load outside every tensor of the launch"):
+        copy[(1,)](x, y, 13, 10, BLOCK=16)
+    with pytest.raises(Exception, match="store outside every tensor of the launch"):
+        copy[(1,)](x, y, 10, 11, BLOCK=16)
 
 
 def test_tma_config_refused_where_it_cannot_work():
