@@ -18,11 +18,14 @@ in CI without a GPU (tests/compile_sm90.py).
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime import Autotuner
+from triton.runtime._async_compile import AsyncCompileMode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -401,8 +404,10 @@ _DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches of <= 32 
 _NARROW_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 4), (128, 128, 32, 8, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
+# (128, 128, 64) in 3 stages: a K patch with a 32-wide tail step (160 = 2 x 64 + 32) adds that step's buffers, and
+# only this one fits the shared memory then (4 stages: 288 KB)
 _PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
-                     (128, 128, 32, 8, 4), (256, 32, 64, 8, 4)]
+                     (128, 128, 32, 8, 4), (256, 32, 64, 8, 4), (128, 128, 64, 8, 3)]
 # K steps across the slots (FLAT_K; pointer loads): for K patches no power-of-2 step divides
 _FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                  (128, 128, 32, 8, 4)]
@@ -411,7 +416,8 @@ _FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3
 _FULL_N_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (256, 32, 64, 8, 3),
                  (64, 256, 64, 8, 3)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
-_PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+_PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+                           (128, 128, 64, 8, 3)]
 # dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
 # 2) x cols, at most 128 x 256
 _ALL_SLOTS_TILES = [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 32, 64, 4, 4), (128, 32, 64, 8, 4), (64, 128, 64, 4, 3),
@@ -502,12 +508,44 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
     return kept or [min((c for c in configs if not c.kwargs["USE_TMA"]), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-_butterfly_mm_tuned = triton.autotune(
-    configs=MM_CONFIGS,
+class _Autotuner(Autotuner):
+    """Triton's autotuner (results cached on disk), but a key it has to time is compiled first, every config at once
+    in threads: compiling dominated a cold key (session 10: 85 s for one 1280 -> 5120 layout's forward, dX and dW,
+    ~0.5 s per config and up to ~50 configs per key), and Triton's compiler releases the GIL. The timing itself stays
+    one config after another."""
+
+    def __init__(self, kernel, configs, key, prune, reset_to_zero=None):
+        super().__init__(kernel, kernel.arg_names, configs, key, reset_to_zero, None,
+                         prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: prune(configs, {**named_args, **kw})},
+                         cache_results=True)
+        self._call = None
+
+    def run(self, *args, **kwargs):
+        self._call = (args, kwargs)
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            self._call = None
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        def compile_then_time():
+            args, kwargs = self._call
+            # errors (a config over the shared memory) surface again when the autotuner runs that config, which skips it
+            with ThreadPoolExecutor(_COMPILE_THREADS) as pool, AsyncCompileMode(pool, ignore_errors=True):
+                for config in configs:
+                    self.fn.run(*args, **{**kwargs, "warmup": True}, **config.all_kwargs())
+            bench_fn()
+
+        return super().check_disk_cache(tuning_key, configs, compile_then_time)
+
+
+_COMPILE_THREADS = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+_butterfly_mm_tuned = _Autotuner(
+    _butterfly_mm_kernel, MM_CONFIGS,
     key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "RANK_BLOCK", "TMA_ALIGNED"],  # the low-rank segment changes what is fastest
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune(configs, {**named_args, **kw}, "M", "N_PATCH", "K_PATCH", "K_PATCH")},
-    cache_results=True,
-)(_butterfly_mm_kernel)
+    prune=lambda configs, named_args: _prune(configs, named_args, "M", "N_PATCH", "K_PATCH", "K_PATCH"),
+)
 
 def _prune_dw(configs, named_args):
     """_prune, and all-slot tiles only where there are several slots and the accumulator stays within 128 x 256;
@@ -533,19 +571,10 @@ def _prune_dw(configs, named_args):
     return _prune(kept or configs[:1], named_args, "Q", "P", "M", None)
 
 
-def _dw_tuned(configs, **options):
-    return triton.autotune(
-        configs=configs,
-        key=["M", "Q", "P", "F", "TMA_ALIGNED"],
-        prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune_dw(configs, {**named_args, **kw})},
-        cache_results=True,
-        **options,
-    )(_butterfly_dw_kernel)
-
-
-_butterfly_dw_tuned = _dw_tuned(DW_CONFIGS)
+_DW_KEY = ["M", "Q", "P", "F", "TMA_ALIGNED"]
+_butterfly_dw_tuned = _Autotuner(_butterfly_dw_kernel, DW_CONFIGS, _DW_KEY, _prune_dw)
 # the autotuner runs every config into the same buffer: zero it before each (and before the chosen one's real run)
-_butterfly_dw_split_tuned = _dw_tuned(DW_SPLIT_CONFIGS, reset_to_zero=["dw_ptr"])
+_butterfly_dw_split_tuned = _Autotuner(_butterfly_dw_kernel, DW_SPLIT_CONFIGS, _DW_KEY, _prune_dw, reset_to_zero=["dw_ptr"])
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:

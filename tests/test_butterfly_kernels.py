@@ -1,5 +1,6 @@
 """The three butterfly products, Triton (CPU interpreter here, CUDA in benchmarks/check_gpu.py) and reference,
 against a float64 dense masked matmul on fresh random inputs."""
+import threading
 import zlib
 
 import pytest
@@ -435,3 +436,28 @@ def test_repeat_launches_bypass_the_autotuner_and_use_their_own_tensors(monkeypa
     for t in tuned:
         monkeypatch.setattr(t, "run", lambda *a, **k: pytest.fail("a repeat launch went through the autotuner"))
     check_all(misaligned=True)
+
+
+@pytest.mark.gpu
+def test_a_cold_autotuner_key_compiles_every_config_in_threads_before_timing(monkeypatch, tmp_path):
+    """A key with nothing cached on disk: every config it times was compiled by a worker thread beforehand (the
+    compiles run in parallel, session 10), none by the timing loop itself, and the picked config computes right."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    jit = triton_impl._butterfly_mm_kernel.fn
+    on_main_thread = []
+
+    def compile_and_record(*args, **kwargs):
+        on_main_thread.append(threading.current_thread() is threading.main_thread())
+        return real_compile(*args, **kwargs)
+
+    real_compile = jit.compile
+    monkeypatch.setattr(jit, "compile", compile_and_record)
+    torch.manual_seed(7)
+    _, weight, dense, _, _ = make_case(300, 384, 768, 4, 2, torch.float32)  # 96 x 192 patches: no other test's key
+    x = torch.randn(300, 384).cuda().bfloat16()
+    out = torch.full((300, 768), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_impl.butterfly_matmul(x, weight.cuda().bfloat16(), out=out)
+    assert rel_err(out.cpu(), x.double().cpu() @ dense.T) < 1e-2
+    timed = triton_impl._butterfly_mm_tuned.configs_timings
+    assert len(timed) > 1 and len(on_main_thread) == len(timed), (len(timed), len(on_main_thread))
+    assert not any(on_main_thread)
