@@ -508,16 +508,28 @@ def _prune(configs, named_args, rows: str, cols: str, k: str, patch_k: str | Non
     return kept or [min((c for c in configs if not c.kwargs["USE_TMA"]), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
+def _time_graph_replays(kernel_call, quantiles):
+    """The GPU time of one config: a CUDA graph of the call, replayed. Timing the call itself times Triton's launch
+    path (tens of us of host time, more than a small product runs) whenever the host is slower than the kernel, and
+    worst while other processes load the CPU: session 10's table, tuned by two processes at once, had 48 of 120 picks
+    differ from session 8's, a 1024 -> 4096 forward 0.069 -> 0.098 ms."""
+    kernel_call()  # compile and load first: a config over the GPU's resources fails here, and the autotuner skips it
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernel_call()
+    return triton.testing.do_bench(graph.replay, quantiles=quantiles)
+
+
 class _Autotuner(Autotuner):
-    """Triton's autotuner (results cached on disk), but a key it has to time is compiled first, every config at once
-    in threads: compiling dominated a cold key (session 10: 85 s for one 1280 -> 5120 layout's forward, dX and dW,
-    ~0.5 s per config and up to ~50 configs per key), and Triton's compiler releases the GIL. The timing itself stays
-    one config after another."""
+    """Triton's autotuner (results cached on disk), timing GPU time only (_time_graph_replays), and a key it has to
+    time is compiled first, every config at once in threads: compiling dominated a cold key (session 10: 85 s for one
+    768 -> 3072 layout's products, ~0.5 s per config and up to ~50 configs per key), and Triton's compiler releases
+    the GIL. The timing itself stays one config after another."""
 
     def __init__(self, kernel, configs, key, prune, reset_to_zero=None):
         super().__init__(kernel, kernel.arg_names, configs, key, reset_to_zero, None,
                          prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: prune(configs, {**named_args, **kw})},
-                         cache_results=True)
+                         do_bench=_time_graph_replays, cache_results=True)
         self._call = None
 
     def run(self, *args, **kwargs):

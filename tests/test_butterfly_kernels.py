@@ -1,6 +1,7 @@
 """The three butterfly products, Triton (CPU interpreter here, CUDA in benchmarks/check_gpu.py) and reference,
 against a float64 dense masked matmul on fresh random inputs."""
 import threading
+import time
 import zlib
 
 import pytest
@@ -461,3 +462,27 @@ def test_a_cold_autotuner_key_compiles_every_config_in_threads_before_timing(mon
     timed = triton_impl._butterfly_mm_tuned.configs_timings
     assert len(timed) > 1 and len(on_main_thread) == len(timed), (len(timed), len(on_main_thread))
     assert not any(on_main_thread)
+
+
+@pytest.mark.gpu
+def test_the_autotuner_times_gpu_time_not_the_launch(monkeypatch, tmp_path):
+    """Configs are timed as CUDA graph replays: a launch path slowed down on the host (2 ms per call, as a loaded CPU
+    would) does not enter the timings, and the picked config still computes right."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuned = triton_impl._butterfly_mm_tuned
+    real_run = tuned.fn.run
+
+    def slow_run(*args, **kwargs):
+        if not kwargs.get("warmup"):
+            time.sleep(0.002)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tuned.fn, "run", slow_run)
+    torch.manual_seed(8)
+    _, weight, dense, _, _ = make_case(2048, 384, 768, 4, 2, torch.float32)  # 2048 tokens: a key no other test has
+    x = torch.randn(2048, 384).cuda().bfloat16()
+    out = torch.full((2048, 768), float("nan"), device="cuda", dtype=torch.bfloat16)
+    triton_impl.butterfly_matmul(x, weight.cuda().bfloat16(), out=out)
+    assert rel_err(out.cpu(), x.double().cpu() @ dense.T) < 1e-2
+    timings = [t[0] for t in tuned.configs_timings.values() if t[0] != float("inf")]
+    assert len(timings) > 1 and max(timings) < 1.0, timings  # ms; this product runs for microseconds
