@@ -451,6 +451,7 @@ def test_a_cold_autotuner_key_compiles_every_config_in_threads_before_timing(mon
         on_main_thread.append(threading.current_thread() is threading.main_thread())
         return real_compile(*args, **kwargs)
 
+    jit.device_caches[torch.cuda.current_device()]  # the JIT binds `compile` on its first use on a device
     real_compile = jit.compile
     monkeypatch.setattr(jit, "compile", compile_and_record)
     torch.manual_seed(7)
