@@ -404,10 +404,8 @@ _DW_SMALL_TILES = [(32, 64, 64, 4, 4), (32, 128, 64, 4, 4)]  # patches of <= 32 
 _NARROW_TILES = [(128, 32, 64, 4, 4), (256, 32, 64, 8, 4), (128, 128, 32, 8, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4)]
 _TMA_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 64, 64, 4, 4),
               (256, 64, 64, 8, 3)]
-# (128, 128, 64) in 3 stages: a K patch with a 32-wide tail step (160 = 2 x 64 + 32) adds that step's buffers, and
-# only this one fits the shared memory then (4 stages: 288 KB)
 _PERSISTENT_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
-                     (128, 128, 32, 8, 4), (256, 32, 64, 8, 4), (128, 128, 64, 8, 3)]
+                     (128, 128, 32, 8, 4), (256, 32, 64, 8, 4)]
 # K steps across the slots (FLAT_K; pointer loads): for K patches no power-of-2 step divides
 _FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                  (128, 128, 32, 8, 4)]
@@ -416,8 +414,7 @@ _FLAT_K_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3
 _FULL_N_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (256, 32, 64, 8, 3),
                  (64, 256, 64, 8, 3)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
-_PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4),
-                           (128, 128, 64, 8, 3)]
+_PERSISTENT_STORE_TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 # dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
 # 2) x cols, at most 128 x 256
 _ALL_SLOTS_TILES = [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 32, 64, 4, 4), (128, 32, 64, 8, 4), (64, 128, 64, 4, 3),

@@ -83,27 +83,18 @@ def narrow_patch_cases():
 
 def k_tail_cases():
     """Forward and dX over 80-wide K patches (1280-wide models at butterfly size 16): 64-wide steps plus a 16-wide
-    tail step per slot, for the usual persistent TMA winner and a pointer config; and over 160-wide ones (bs 8: a
-    32-wide tail, whose buffers leave room for persistent TMA only in 3-stage 128 x 128 tiles, with and without
-    descriptor stores)."""
-    def find(tile, **flags):
-        return next(c for c in kernels.MM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                                      c.num_stages) == tile
-                    and all(c.kwargs[name] == value for name, value in flags.items()) and not c.kwargs["GROUP_M"])
-    persistent = dict(USE_TMA=True, PERSISTENT=True, FLAT_K=False, FULL_PATCH_N=False)
-    pointer = dict(USE_TMA=False, FLAT_K=False, FULL_PATCH_N=False)
-    configs = {80: [find((128, 256, 64, 3), TMA_STORE=False, **persistent), find((128, 128, 64, 3), **pointer)],
-               160: [find((128, 128, 64, 3), TMA_STORE=False, **persistent), find((128, 128, 64, 3), TMA_STORE=True, **persistent)]}
-    for k_patch, tail_configs in configs.items():
-        for partner_weight in (False, True):
-            unit_stride = "stride_wn" if partner_weight else "stride_wk"
-            aligns = {"WN_ALIGN": 1, "WK_ALIGN": 16} if partner_weight else {"WN_ALIGN": 16, "WK_ALIGN": 1}
-            constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight,
-                         unit_stride: 1, "EVEN_K": False, "TAIL_K": kernels._k_tail(k_patch, 64),
-                         "K_ALIGN": kernels._pow2_divisor(k_patch), "K_CHUNK": kernels._pow2_divisor(k_patch, 64)}
-            for config in tail_configs:
-                yield (f"{'dX' if partner_weight else 'forward'} K={k_patch}", kernels._butterfly_mm_kernel.fn, config,
-                       constants, ("NUM_PROGRAMS",))
+    tail step per slot, for the usual persistent TMA winner and a pointer config."""
+    persistent_tma = next(c for c in kernels.MM_CONFIGS if c.kwargs["PERSISTENT"] and not c.kwargs["TMA_STORE"]
+                          and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 256, 64))
+    pointer = next(c for c in kernels.MM_CONFIGS if not c.kwargs["USE_TMA"]
+                   and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 128, 64))
+    for partner_weight in (False, True):
+        unit_stride = "stride_wn" if partner_weight else "stride_wk"
+        aligns = {"WN_ALIGN": 1, "WK_ALIGN": 16} if partner_weight else {"WN_ALIGN": 16, "WK_ALIGN": 1}
+        constants = {**MM_COMMON, **aligns, "PARTNER_WEIGHT": partner_weight, "HAS_BIAS": not partner_weight,
+                     unit_stride: 1, "EVEN_K": False, "TAIL_K": kernels._k_tail(80, 64)}
+        for config in (persistent_tma, pointer):
+            yield "dX" if partner_weight else "forward", kernels._butterfly_mm_kernel.fn, config, constants, ("NUM_PROGRAMS",)
 
 
 def main():
