@@ -517,6 +517,10 @@ def _time_graph_replays(kernel_call, quantiles):
     return triton.testing.do_bench(graph.replay, quantiles=quantiles)
 
 
+# threads that compile a cold key's configs: one per CPU this process may use
+_COMPILE_THREADS = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 class _Autotuner(Autotuner):
     """Triton's autotuner (results cached on disk), timing GPU time only (_time_graph_replays), and a key it has to
     time is compiled first, every config at once in threads: compiling dominated a cold key (session 10: 85 s for one
@@ -547,8 +551,6 @@ class _Autotuner(Autotuner):
 
         return super().check_disk_cache(tuning_key, configs, compile_then_time)
 
-
-_COMPILE_THREADS = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 _butterfly_mm_tuned = _Autotuner(
     _butterfly_mm_kernel, MM_CONFIGS,
