@@ -28,11 +28,13 @@ from pixelfly_kernels.attention_reference import (
     random_feature_projection,
     sparse_performer_attention,
 )
+from pixelfly_kernels import block_sparse_attention as block_sparse
 from pixelfly_kernels.butterfly_attention import (
     PatternSpec,
     block_density,
     dense_pattern,
     flex_pixelfly_attention,
+    key_padding_from_mask,
     sparse_part_allows,
 )
 
@@ -260,10 +262,21 @@ def pixelfly_attention_forward(
                 f"pixelfly attention: block_size={settings.block_size} is below {MIN_GPU_BLOCK_SIZE}, the "
                 f"smallest FlexAttention block that compiles for training on GPU; set block_size={MIN_GPU_BLOCK_SIZE}"
             )
-        out = flex_pixelfly_attention(query, key, value, spec, causal, scale, keep)
+        out = _gpu_pixelfly_attention(query, key, value, spec, causal, scale, keep)
     else:
         out = reference_pixelfly_attention(query, key, value, keep, settings, causal, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _gpu_pixelfly_attention(query, key, value, spec: PatternSpec, causal: bool, scale: float,
+                            keep: torch.Tensor | None) -> torch.Tensor:
+    """Our Triton kernels where they apply (global tokens in whole blocks, bf16/fp16, their head dims, no mask or a
+    key padding mask), FlexAttention for the rest (fp32, other head dims, general 4-D masks)."""
+    if block_sparse.supports(spec) and query.dtype in block_sparse.DTYPES and query.shape[-1] in block_sparse.HEAD_DIMS:
+        key_keep = None if keep is None else key_padding_from_mask(keep, causal)
+        if keep is None or key_keep is not None:
+            return block_sparse.block_sparse_attention(query, key, value, spec, causal, scale, key_keep)
+    return flex_pixelfly_attention(query, key, value, spec, causal, scale, keep)
 
 
 def reference_pixelfly_attention(

@@ -69,26 +69,6 @@ def test_bench_linear_tune_only_calls_every_product_once_untimed(tmp_path):
     assert all(t["first_call_s"] > 0 for p in parts for t in p["tuning"])
 
 
-def test_probe_attention_kernel_matches_masked_sdpa_in_the_interpreter(tmp_path):
-    """The own-kernel probe (issue 4) is a GPU go/no-go measurement; its kernels (output, dQ, dK, dV) must be right
-    before they are timed."""
-    proc = run_script("probe_attention_kernel.py", "--dry-run", hf_home=tmp_path, TRITON_INTERPRET="1")
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(errors) == 16 and all(err < 1e-4 for err in errors.values()), errors
-
-
-def test_probe_attention_kernel_refuses_patterns_with_partial_blocks(monkeypatch):
-    """64 global tokens cover half of the first key block: a partial block the kernel would not mask."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import probe_attention_kernel as probe
-
-    tables = probe.block_tables(512, probe.PatternSpec(128, None, 3, 128), True, "cpu")
-    assert tables.n_rows.tolist() == [0, 1, 2, 3] and tables.rows[3, :3].tolist() == [0, 1, 2]  # diagonal apart
-    assert tables.n_cols.tolist() == [3, 2, 1, 0] and tables.cols[0, :3].tolist() == [1, 2, 3]
-    with pytest.raises(ValueError, match="partial blocks"):
-        probe.block_tables(512, probe.PatternSpec(128, None, 3, 64), True, "cpu")
-
-
 def test_bench_linear_keeps_the_finished_shapes_when_cut_short(tmp_path, monkeypatch):
     """A GPU call has a time limit; session 4 lost a 10-minute run that printed and saved only at the end."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))

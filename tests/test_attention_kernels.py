@@ -1,0 +1,179 @@
+"""Pixelfly attention's Triton kernels (kernels/block_sparse_attention.py): block tables, forward and backward against
+a float64 masked softmax, key padding, ragged lengths, the custom op under torch.compile; on CPU in the interpreter."""
+import os
+
+import pytest
+import torch
+
+from pixelfly_kernels import block_sparse_attention as bsa
+from pixelfly_kernels.butterfly_attention import PatternSpec, dense_pattern
+
+# CPU tensors run on Triton only in its interpreter (conftest sets it when there is no GPU)
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+def float64_attention(q, k, v, keep, scale):
+    """softmax over the allowed keys in float64; rows with no allowed key give 0."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+    return weights @ v.double()
+
+
+def check_against_float64(attend, spec, causal, s, key_keep=None, b=2, h=3, d=32, seed=0):
+    """attend(q, k, v) -> (B, H, S, D); compares output and all three gradients with the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(b, h, s, d, generator=gen)
+    out = attend(q, k, v)
+    out.backward(grad)
+    keep = dense_pattern(s, s, spec, causal)[None, None]
+    if key_keep is not None:
+        keep = keep & key_keep[:, None, None, :]
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = float64_attention(*ref_in, keep, d**-0.5)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    for name, t, r in zip("qkv", (q, k, v), ref_in):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+    return out, (q, k, v)
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("period, n_global", [(None, 32), (2, 0), (None, 64)])
+def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
+    """Every tile the tables list is wholly allowed, every other tile (but the causal diagonal's triangle) is wholly
+    disallowed: the kernels mask nothing else."""
+    spec, nb, p = PatternSpec(32, period, 2, n_global), 10, 32
+    tiles = dense_pattern(nb * p, nb * p, spec, causal).view(nb, p, nb, p).permute(0, 2, 1, 3)
+    whole = bsa.whole_blocks(nb, spec, causal)
+    assert tiles[whole].all() and not tiles[~whole & ~torch.eye(nb, dtype=torch.bool)].any()
+    diagonal = tiles[torch.arange(nb), torch.arange(nb)]
+    assert diagonal.equal(torch.ones(p, p, dtype=torch.bool).tril().expand(nb, p, p) if causal else diagonal.new_ones(nb, p, p))
+
+
+@interpreted
+def test_tables_list_blocks_and_launch_heaviest_first():
+    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"))
+    # causal: query block 5 sees the global block 0, its XOR partners 4 and 7 (not: later), and its neighbour 4
+    assert tables.rows[5, : tables.n_rows[5]].tolist() == [0, 4]
+    assert tables.n_cols[0] == 7 and tables.col_order[0] == 0  # the global key block: every later query block
+    for counts, order in ((tables.n_rows, tables.row_order), (tables.n_cols, tables.col_order)):
+        assert sorted(order.tolist()) == list(range(8))
+        assert (counts[order].diff() <= 0).all()
+
+
+@interpreted
+def test_partial_global_blocks_are_refused():
+    assert not bsa.supports(PatternSpec(128, None, 3, 64))
+    with pytest.raises(ValueError, match="64 global tokens do not fill whole 128-token blocks"):
+        bsa.block_tables(512, PatternSpec(128, None, 3, 64), True, torch.device("cpu"))
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("s", [160, 150])  # 150: a ragged tail of 22 tokens, padded inside
+def test_kernels_match_float64(causal, s):
+    spec = PatternSpec(32, None, 2, 32)
+    check_against_float64(lambda q, k, v: bsa.block_sparse_attention(q, k, v, spec, causal, 32**-0.5), spec, causal, s)
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("config", [(16, 32), (32, 16)])
+def test_tiles_smaller_than_the_pattern_block(causal, config):
+    """Several programs per pattern block (forward and dQ rows, dK/dV columns) and several steps per block."""
+    spec = PatternSpec(32, None, 2, 32)
+
+    class Attend(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = bsa.attention_forward(q, k, v, None, spec, causal, 32**-0.5, config)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return bsa.attention_backward(*ctx.saved_tensors, grad, None, spec, causal, 32**-0.5, config)
+
+    check_against_float64(Attend.apply, spec, causal, 128)
+
+
+@interpreted
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_padding_and_a_row_with_no_key(causal):
+    """Batch row 0 pads its last 40 keys; batch row 1 keeps no key at all: zeros there, not NaN, in output and grads."""
+    spec, s = PatternSpec(32, None, 2, 32), 130
+    key_keep = torch.ones(2, s, dtype=torch.bool)
+    key_keep[0, -40:] = False
+    key_keep[1] = False
+    out, (q, k, v) = check_against_float64(
+        lambda q, k, v: bsa.block_sparse_attention(q, k, v, spec, causal, 32**-0.5, key_keep), spec, causal, s,
+        key_keep=key_keep)
+    assert out[1].abs().max() == 0 and all(t.grad[1].abs().max() == 0 for t in (q, k, v))
+
+
+@interpreted
+def test_strided_inputs_and_output_layout():
+    """q, k, v as transformers passes them (views of one (B, S, 3, H, D) projection); the output is (B, S, H, D) in
+    memory, so the attention function's transpose back needs no copy."""
+    spec = PatternSpec(32, None, 2, 32)
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 96, 3, 2, 32, generator=gen)
+    q, k, v = qkv.unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D), strided
+    out = bsa.block_sparse_attention(q, k, v, spec, True, 0.2)
+    assert out.transpose(1, 2).is_contiguous()
+    keep = dense_pattern(96, 96, spec, True)
+    torch.testing.assert_close(out.double(), float64_attention(q, k, v, keep, 0.2), atol=2e-5, rtol=1e-4)
+
+
+@interpreted
+def test_bad_inputs_name_the_value():
+    spec = PatternSpec(32, None, 2, 32)
+    q = torch.randn(1, 2, 64, 48)
+    with pytest.raises(ValueError, match="head_dim=48"):
+        bsa.block_sparse_attention(q, q, q, spec, True, 0.1)
+    q = torch.randn(1, 2, 64, 32)
+    with pytest.raises(ValueError, match=r"pass a \(1, 64\) bool tensor"):
+        bsa.block_sparse_attention(q, q, q, spec, True, 0.1, torch.ones(1, 63, dtype=torch.bool))
+
+
+@interpreted
+def test_custom_op_compiles_without_graph_breaks():
+    """fullgraph torch.compile (aot_eager: fake-tensor tracing of the op and its backward, no C++ compiler) gives
+    the eager result; opcheck validates the op's fake and autograd registrations."""
+    spec = PatternSpec(32, None, 2, 32)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 64, 32, generator=gen).requires_grad_() for _ in range(3))
+
+    def loss(q, k, v):
+        return bsa.block_sparse_attention(q, k, v, spec, True, 0.2).square().sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(bsa._attention_op, (q, k, v, None, True, 0.2, 32, 0, 2, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernels_bf16_on_gpu_match_float32(causal, d):
+    """GPU, autotuned: bf16 against fp32 masked softmax, a ragged length and key padding."""
+    spec, s = PatternSpec(128, None, 3, 128), 1000
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, s, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
+    key_keep = torch.ones(2, s, dtype=torch.bool, device="cuda")
+    key_keep[1, 700:] = False
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = bsa.block_sparse_attention(*ins, spec, causal, d**-0.5, key_keep)
+    out.backward(grad)
+    ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+    keep = dense_pattern(s, s, spec, causal, device="cuda")[None, None] & key_keep[:, None, None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=keep)
+    ref.backward(grad.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for t, r in zip(ins, ref_in):
+        torch.testing.assert_close(t.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
