@@ -6,7 +6,7 @@ FlexAttention visits this pattern at 0.43-0.51 of cuDNN's rate per tile; 2.5x ov
 0.58. This script times the kernels (through the custom op that the registered attention function calls) next to
 SDPA and Flex at S = 4096, batch 4, 16 heads, bf16, under do_bench and replayed from a CUDA graph, and prints the
 per-tile rate against SDPA. Session 6 wrote the kernels here as a probe (0.52 causal / 0.63 bidirectional at d = 64);
-session 11 moved them into kernels/ with heaviest-block-first launch order. Outputs and gradients are checked against
+session 11 moved them into kernels/ with heavy blocks launched first; three launch orders are compared. Outputs and gradients are checked against
 fp32 SDPA with the pattern as a mask.
 """
 import argparse
@@ -19,6 +19,21 @@ import triton
 from pixelfly_kernels import block_sparse_attention as kernels
 from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, flex_pixelfly_attention
 from tune_attention import errors_vs_masked_sdpa  # benchmarks/tune_attention.py
+
+
+def ordered(heavy_factor, spec, causal, scale):
+    """The kernels launched in one order; the backward reads the setting the forward has just made."""
+    def attend(q, k, v):
+        kernels.HEAVY_FACTOR = heavy_factor
+        return kernels.block_sparse_attention(q, k, v, spec, causal, scale)
+
+    return attend
+
+
+def autotuner_picks():
+    """Every autotuner key (S, table width, heavy blocks, d, causal, bias, block) and its pick, per kernel."""
+    return {name: {str(key): str(config) for key, config in tuned.cache.items()}
+            for name, tuned in (("fwd", kernels._fwd_tuned), ("dkdv", kernels._dkdv_tuned), ("dq", kernels._dq_tuned))}
 
 
 def timed(attn, q, k, v, grad, cuda_graph):
@@ -42,7 +57,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     S, B, H, spec, rows = 4096, 4, 16, PatternSpec(128, None, 3, 128), []
-    ours = ("flex_g128", "own")
+    # launch orders (kernels.HEAVY_FACTOR): the default (heavy blocks first, then head by head), every program
+    # heaviest block first, and head by head in block order (session 6's probe)
+    orders = {"own": 2.0, "own_all_heaviest_first": 0.0, "own_by_head": float("inf")}
+    ours = ("flex_g128", *orders)
     for causal in (True, False):
         density = block_density(S, spec, causal)
         for d in (64, 128):
@@ -51,7 +69,7 @@ def main(argv=None):
             scale = d ** -0.5
             variants = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal),
                         "flex_g128": lambda a, b, c: flex_pixelfly_attention(a, b, c, spec, causal, scale),
-                        "own": lambda a, b, c: kernels.block_sparse_attention(a, b, c, spec, causal, scale)}
+                        **{name: ordered(factor, spec, causal, scale) for name, factor in orders.items()}}
             row = dict(causal=causal, head_dim=d, density=density,
                        own_errors=errors_vs_masked_sdpa(variants["own"], (q, k, v), grad, spec, causal))
             for timing in ("do_bench", "cuda_graph"):
@@ -59,9 +77,6 @@ def main(argv=None):
                 row[timing] = dict(fwd_ms={n: t[0] for n, t in ms.items()}, fwd_bwd_ms={n: t[1] for n, t in ms.items()},
                                    rate_vs_sdpa={n: {"fwd": ms["sdpa"][0] * density / ms[n][0],
                                                      "fwd_bwd": ms["sdpa"][1] * density / ms[n][1]} for n in ours})
-            row["own_configs"] = {name: str(t.best_config) for name, t in
-                                  (("fwd", kernels._fwd_tuned), ("dkdv", kernels._dkdv_tuned),
-                                                  ("dq", kernels._dq_tuned))}
             rows.append(row)
             print(json.dumps(row), flush=True)
     for timing in ("do_bench", "cuda_graph"):
@@ -77,7 +92,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
-                           rows=rows), f, indent=1)
+                           rows=rows, own_configs=autotuner_picks()), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -53,14 +53,28 @@ def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
 
 
 @interpreted
-def test_tables_list_blocks_and_launch_heaviest_first():
+def test_tables_list_blocks_and_launch_heavy_blocks_first():
     tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"))
     # causal: query block 5 sees the global block 0, its XOR partners 4 and 7 (not: later), and its neighbour 4
     assert tables.rows[5, : tables.n_rows[5]].tolist() == [0, 4]
-    assert tables.n_cols[0] == 7 and tables.col_order[0] == 0  # the global key block: every later query block
-    for counts, order in ((tables.n_rows, tables.row_order), (tables.n_cols, tables.col_order)):
-        assert sorted(order.tolist()) == list(range(8))
-        assert (counts[order].diff() <= 0).all()
+    # the global key block is seen by every later query block: the one heavy column, launched first
+    assert tables.n_cols[0] == 7 and tables.col_heavy == 1 and tables.col_order.tolist() == list(range(8))
+    assert tables.row_heavy == 0 and tables.row_order.tolist() == list(range(8))
+    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 1, 256), False, torch.device("cpu"), heavy_factor=0.0)
+    counts = tables.n_rows[tables.row_order]
+    assert tables.row_heavy == 8 and (counts.diff() <= 0).all() and sorted(tables.row_order.tolist()) == list(range(8))
+
+
+@interpreted
+@pytest.mark.parametrize("heavy_factor", [0.0, 2.0, float("inf")])
+def test_every_launch_order_gives_the_same_result(monkeypatch, heavy_factor):
+    """All programs heaviest first, some first and the rest head by head, or all head by head (tiles of 16 in
+    32-token blocks: two programs per block)."""
+    spec = PatternSpec(32, None, 1, 64)  # 16 blocks; the 2 global blocks see (and are seen by) all 16
+    tables = bsa.block_tables(512, spec, False, torch.device("cpu"), heavy_factor)
+    assert (tables.row_heavy, tables.col_heavy) == {0.0: (16, 16), 2.0: (2, 2), float("inf"): (0, 0)}[heavy_factor]
+    monkeypatch.setattr(bsa, "HEAVY_FACTOR", heavy_factor)
+    check_tiles(False, (16, 16), 512, spec)
 
 
 @interpreted
@@ -83,7 +97,11 @@ def test_kernels_match_float64(causal, s):
 @pytest.mark.parametrize("config", [(16, 32), (32, 16)])
 def test_tiles_smaller_than_the_pattern_block(causal, config):
     """Several programs per pattern block (forward and dQ rows, dK/dV columns) and several steps per block."""
-    spec = PatternSpec(32, None, 2, 32)
+    check_tiles(causal, config, 128, PatternSpec(32, None, 2, 32))
+
+
+def check_tiles(causal, config, s, spec):
+    """The launchers with fixed tiles, forward and backward, against float64."""
 
     class Attend(torch.autograd.Function):
         @staticmethod
@@ -96,7 +114,7 @@ def test_tiles_smaller_than_the_pattern_block(causal, config):
         def backward(ctx, grad):
             return bsa.attention_backward(*ctx.saved_tensors, grad, None, spec, causal, 32**-0.5, config)
 
-    check_against_float64(Attend.apply, spec, causal, 128)
+    check_against_float64(Attend.apply, spec, causal, s)
 
 
 @interpreted
