@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .butterfly_attention import PatternSpec, pattern_allows
+from .launch_cache import launch_tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
@@ -361,7 +362,7 @@ def _grid(n_blocks, bh, tile):
 def _launch(kernel, tuned, grid, args, meta, pattern_block, config):
     """Autotuned on the GPU; fixed tiles in the interpreter (it cannot time) or when given (tests)."""
     if config is None and not INTERPRET:
-        tuned[grid](*args, **meta)
+        launch_tuned(tuned, grid, args, meta)
         return
     bm, bn = config or (min(32, pattern_block),) * 2
     kernel[grid({**meta, "BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)

@@ -17,7 +17,6 @@ in CI without a GPU (tests/compile_sm90.py).
 """
 import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -26,6 +25,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime import Autotuner
 from triton.runtime._async_compile import AsyncCompileMode
+
+from .launch_cache import launch_tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -605,46 +606,6 @@ def _tma_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
-# Repeat launches, per (autotuned kernel, device, argument signature): the compiled kernel the autotuner picked, its
-# grid and its argument list with the tensors left out. Triton's own path (autotuner, heuristics, argument binding)
-# costs ~150 us of host time per call on the H200's host, more than most of these kernels run (benchmarks/NOTES.md,
-# "do_bench measures the launch"); a repeat call only puts its tensors into the list.
-_LAUNCHES = {}
-# the first call reads the autotuner's best_config after running it: one thread at a time (nn.DataParallel runs
-# replicas, and autograd the backward, in threads of their own)
-_FIRST_LAUNCH = threading.Lock()
-
-
-def _signature(args, kwargs) -> tuple:
-    """Everything Triton specialises a compiled kernel on: integer values, tensor dtypes, 16-byte aligned bases."""
-    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args) + tuple(kwargs.values())
-
-
-def _launch_tuned(tuned, grid, args, kwargs):
-    key = (tuned, torch.cuda.current_device(), _signature(args, kwargs))
-    cached = _LAUNCHES.get(key)
-    if cached is None:
-        with _FIRST_LAUNCH:
-            compiled = tuned[grid](*args, **kwargs)
-            config = tuned.best_config
-        # the meta-parameters as the autotuner and then the heuristics wrapper add them
-        meta = {**kwargs, **config.all_kwargs()}
-        heuristics = tuned.fn
-        for name, rule in heuristics.values.items():
-            meta[name] = rule({**dict(zip(heuristics.arg_names, args)), **meta})
-        names = heuristics.fn.arg_names  # runtime arguments first, then the constexprs
-        values = [None if isinstance(a, torch.Tensor) else a for a in args] + [meta[n] for n in names[len(args):]]
-        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        g = tuple(grid(meta))
-        _LAUNCHES[key] = (compiled[g + (1,) * (3 - len(g))], values, slots)
-        return
-    run, values, slots = cached
-    values = list(values)
-    for i in slots:
-        values[i] = args[i]
-    run(*values)
-
-
 def _traced(*tensors: torch.Tensor) -> bool:
     """Fake or functional tensors: torch.compile is tracing a triton_op's body."""
     return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
@@ -669,7 +630,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config, default, patch_k=None, pa
         if _traced(*(a for a in args if isinstance(a, torch.Tensor))):
             wrap_triton(tuned)[grid](*args, **kwargs)
         else:
-            _launch_tuned(tuned, grid, args, kwargs)
+            launch_tuned(tuned, grid, args, kwargs)
         return
     block_m, block_n, block_k, warps, stages, *flags = config or default()
     use_tma = len(flags) > 0 and bool(flags[0])

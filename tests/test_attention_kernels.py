@@ -179,7 +179,8 @@ def test_custom_op_compiles_without_graph_breaks():
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
 def test_kernels_bf16_on_gpu_match_float32(causal, d):
-    """GPU, autotuned: bf16 against fp32 masked softmax, a ragged length and key padding."""
+    """GPU, autotuned: bf16 against fp32 masked softmax, a ragged length and key padding; the second call, through
+    the launch cache, gives the same output."""
     spec, s = PatternSpec(128, None, 3, 128), 1000
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad = (torch.randn(2, 4, s, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
@@ -188,6 +189,9 @@ def test_kernels_bf16_on_gpu_match_float32(causal, d):
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     out = bsa.block_sparse_attention(*ins, spec, causal, d**-0.5, key_keep)
     out.backward(grad)
+    with torch.no_grad():
+        again = bsa.block_sparse_attention(*ins, spec, causal, d**-0.5, key_keep)
+    assert torch.equal(again, out)
     ref_in = [t.float().requires_grad_() for t in (q, k, v)]
     keep = dense_pattern(s, s, spec, causal, device="cuda")[None, None] & key_keep[:, None, None, :]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=keep)
