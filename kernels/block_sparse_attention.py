@@ -16,7 +16,6 @@ written in (B, S, H, D) memory order, the layout transformers' attention functio
 """
 from __future__ import annotations
 
-import math
 import os
 from functools import lru_cache
 from typing import NamedTuple, Optional
@@ -134,19 +133,6 @@ def _attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, rows_ptr, n_ro
 
 
 @triton.jit
-def _row_dot(o_ptr, do_ptr, delta_ptr, S, H, out_stride_b, out_stride_h, out_stride_s, do_stride_b, do_stride_h,
-             do_stride_s, D: tl.constexpr, BLOCK: tl.constexpr):
-    """delta = rowsum(O * dO), the softmax backward's correction term, per (batch * head, position)."""
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D)[None, :]
-    o = tl.load(o_ptr + b * out_stride_b + h * out_stride_h + rows[:, None] * out_stride_s + cols).to(tl.float32)
-    do = tl.load(do_ptr + b * do_stride_b + h * do_stride_h + rows[:, None] * do_stride_s + cols).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * S + rows, tl.sum(o * do, 1))
-
-
-@triton.jit
 def _dkdv_block(dk, dv, k, v, key_bias, q_ptr, do_ptr, lse_ptr, delta_ptr, query0, offs_n, offs_d, stride_s,
                 do_stride_s, qk_scale, MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
@@ -227,7 +213,8 @@ def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, bias_ptr, key0, offs_m, offs_
 @triton.jit
 def _attention_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, dq_ptr, rows_ptr, n_rows_ptr, order_ptr,
                   n_heavy, qk_scale, scale, S, H, BH, width, stride_b, stride_h, stride_s,
-                  do_stride_b, do_stride_h, do_stride_s, grad_stride_b, grad_stride_h, grad_stride_s,
+                  do_stride_b, do_stride_h, do_stride_s, grad_stride_b, grad_stride_h, grad_stride_s, o_ptr,
+                  out_stride_b, out_stride_h, out_stride_s,
                   D: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     qb, sub, bh = _program(order_ptr, n_heavy, S // PATTERN_BLOCK, BH, PATTERN_BLOCK // BLOCK_M)
@@ -239,7 +226,12 @@ def _attention_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, dq_
     do = _rows(do_ptr + b.to(tl.int64) * do_stride_b + h.to(tl.int64) * do_stride_h, offs_m, offs_d, do_stride_s,
                UPCAST)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m)
+    # delta = rowsum(O * dO), the softmax backward's correction term, for these rows: stored for the dK/dV kernel,
+    # which runs after this one (a launch of its own cost more host time than this load costs the GPU)
+    o = tl.load(o_ptr + b.to(tl.int64) * out_stride_b + h.to(tl.int64) * out_stride_h + offs_m[:, None] * out_stride_s
+                + offs_d[None, :])
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta)
     if HAS_BIAS:
         bias_ptr += b.to(tl.int64) * S
     dq = tl.zeros((BLOCK_M, D), tl.float32)
@@ -349,9 +341,10 @@ def _same_layout(q, k, v):
 
 
 def _gradient_like(q, out):
-    """dQ, dK, dV in q's memory order where q is dense (a leaf, or a transposed projection: no copy when autograd
-    hands them on), else in out's (B, S, H, D) order (transformers' split QKV views)."""
-    like = q if torch.empty_like(q).stride() == q.stride() else out
+    """dQ, dK, dV in q's memory order where q is (B, H, S, D) or (B, S, H, D) contiguous (a leaf, or a transposed
+    projection: no copy when autograd hands them on), else in out's (B, S, H, D) order (transformers' split QKV
+    views)."""
+    like = q if q.is_contiguous() or q.transpose(1, 2).is_contiguous() else out
     return tuple(torch.empty_like(like) for _ in range(3))
 
 
@@ -398,18 +391,17 @@ def attention_backward(q, k, v, out, lse, grad, key_bias, spec: PatternSpec, cau
         grad = grad.contiguous()
     t = _tables(S, spec, causal, q.device)
     delta = torch.empty_like(lse)
-    rows = math.gcd(S, 64)
-    _row_dot[(S // rows, B * H)](out, grad, delta, S, H, *out.stride()[:3], *grad.stride()[:3], D=D, BLOCK=rows)
     dq, dk, dv = _gradient_like(q, out)
     meta = dict(D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PATTERN_BLOCK=spec.block_size, UPCAST=INTERPRET)
     common = (scale * LOG2E, scale, S, H, B * H, t.rows.shape[1], *q.stride()[:3], *grad.stride()[:3],
               *dq.stride()[:3])
     n_blocks = S // spec.block_size
+    _launch(_attention_dq, _dq_tuned, _grid(n_blocks, B * H, "BLOCK_M"),
+            (q, k, v, grad, lse, delta, key_bias, dq, t.rows, t.n_rows, t.row_order, t.row_heavy, *common, out,
+             *out.stride()[:3]),
+            meta, spec.block_size, config)
     _launch(_attention_dkdv, _dkdv_tuned, _grid(n_blocks, B * H, "BLOCK_N"),
             (q, k, v, grad, lse, delta, key_bias, dk, dv, t.cols, t.n_cols, t.col_order, t.col_heavy, *common),
-            meta, spec.block_size, config)
-    _launch(_attention_dq, _dq_tuned, _grid(n_blocks, B * H, "BLOCK_M"),
-            (q, k, v, grad, lse, delta, key_bias, dq, t.rows, t.n_rows, t.row_order, t.row_heavy, *common),
             meta, spec.block_size, config)
     return dq, dk, dv
 
