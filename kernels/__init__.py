@@ -1,4 +1,5 @@
-"""pixelfly_kernels: butterfly-sparse matmul kernels (Triton) and their PyTorch reference, as torch ops."""
+"""pixelfly_kernels: butterfly-sparse matmul kernels (Triton) and their PyTorch reference, as torch ops; the Pixelfly
+attention pattern with its FlexAttention path and Triton kernels."""
 import importlib.util
 import sys
 

@@ -1,5 +1,6 @@
 """Pixelfly attention for transformers: settings, the registered "pixelfly" attention function and
-mask function, and dispatch between dense SDPA, the PyTorch reference and FlexAttention.
+mask function, and dispatch between dense SDPA, the PyTorch reference, our Triton kernels
+(``pixelfly_kernels.block_sparse_attention``) and FlexAttention.
 
 Math (see ``pixelfly_kernels.butterfly_attention``): one softmax over the union of a flat block
 butterfly pattern over sequence blocks (+ neighbouring blocks), the first ``low_rank`` positions as
@@ -44,7 +45,8 @@ ATTENTION_NAME = "pixelfly"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_RANK_KINDS = ("global_tokens", "performer")
-# FlexAttention needs BlockMask blocks that its GPU tiles divide; 64-token blocks fail in backward.
+# FlexAttention needs BlockMask blocks that its GPU tiles divide (64-token blocks fail in backward); our kernels'
+# tiles are up to 128 rows (block_sparse_attention.MIN_BLOCK_SIZE).
 MIN_GPU_BLOCK_SIZE = 128
 
 
@@ -60,13 +62,13 @@ class AttentionSettings:
     n_factors: number of butterfly factors k; block (i, j) allowed iff i XOR j in {0, 1, ..., 2**(k-1)}.
     low_rank: size of the global term: number of global tokens (the first positions), or of random
         features for low_rank_kind="performer". Keep global tokens a multiple of block_size: then the
-        first key block is a full tile for every query block, not a masked one (128 vs 64 tokens at
-        S=4096 on an H200: 1.1-1.3x faster fwd+bwd, benchmarks/tune_attention.py).
-    low_rank_kind: "global_tokens" (fast FlexAttention path) or "performer" (Scatterbrain-style
+        Triton kernels apply (they take whole tiles only); other counts run on FlexAttention, where 64
+        tokens were 1.1-1.3x slower fwd+bwd than 128 at S=4096 on an H200 (benchmarks/tune_attention.py).
+    low_rank_kind: "global_tokens" (the fast GPU path) or "performer" (Scatterbrain-style
         random features; PyTorch reference only, O(S^2) memory, for quality comparisons).
     min_seq_len_for_sparse: shorter sequences use dense SDPA.
-    max_density_for_sparse: sequences whose tile density exceeds this use dense SDPA (FlexAttention
-        runs at 0.4-0.6x of cuDNN's rate per visited tile on an H200, so it cannot win above ~0.5).
+    max_density_for_sparse: sequences whose tile density exceeds this use dense SDPA (the sparse
+        kernels run at 0.5-0.7x of cuDNN's rate per visited tile on an H200, so they cannot win above ~0.5).
     seed: seed of the random-feature projection (performer only).
     """
 
@@ -260,7 +262,7 @@ def pixelfly_attention_forward(
         if settings.block_size < MIN_GPU_BLOCK_SIZE:
             raise ValueError(
                 f"pixelfly attention: block_size={settings.block_size} is below {MIN_GPU_BLOCK_SIZE}, the "
-                f"smallest FlexAttention block that compiles for training on GPU; set block_size={MIN_GPU_BLOCK_SIZE}"
+                f"smallest block the GPU kernels train with; set block_size={MIN_GPU_BLOCK_SIZE}"
             )
         out = _gpu_pixelfly_attention(query, key, value, spec, causal, scale, keep)
     else:
