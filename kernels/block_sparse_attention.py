@@ -6,13 +6,15 @@ diagonal tile carries an element mask. Forward as FlashAttention-2 saving the lo
 for dK/dV per key tile over the transposed table and one for dQ per query tile, both recomputing P.
 
 Work per program is uneven: the global key block is seen by every query block (31 blocks at S = 4096 against about
-4 for the others), and bidirectionally the global query block sees every key block. Programs are therefore launched
-heaviest block first ("order" tables, longest-processing-time first): in natural order one late heavy program
-leaves the GPU idle behind it (a simulation of the dK/dV launch at S = 4096 causal: 1.4-1.9x the balanced time).
+4 for the others), and bidirectionally the global query block sees every key block. Launched in block order, one
+late heavy program leaves the GPU idle behind it, so the programs of such heavy blocks go first ("order" tables) and
+the rest follow head by head, which keeps a head's blocks together in L2 (on an H200 at S = 4096: 10-14% less
+forward+backward time than head by head alone, benchmarks/NOTES.md "A2").
 
 Needs global tokens that fill whole blocks (``supports``); the optional key bias (0 or -inf per batch row and key)
-carries padding masks. q, k, v: (B, H, S, D) with S a multiple of the pattern block; the output and gradients are
-written in (B, S, H, D) memory order, the layout transformers' attention functions return.
+carries padding masks. q, k, v: (B, H, S, D) with S a multiple of the pattern block; the output is written in
+(B, S, H, D) memory order, the layout transformers' attention functions return, and the gradients in q's order where
+that is dense (``_gradient_like``).
 """
 from __future__ import annotations
 
@@ -299,7 +301,8 @@ def whole_blocks(n_blocks: int, spec: PatternSpec, causal: bool) -> torch.Tensor
 @lru_cache(maxsize=64)
 def block_tables(seq_len: int, spec: PatternSpec, causal: bool, device: torch.device,
                  heavy_factor: float = HEAVY_FACTOR) -> BlockTables:
-    """The tables for a sequence of seq_len tokens (a multiple of the pattern block), built once per device."""
+    """The tables for a sequence of seq_len tokens (a multiple of the pattern block), built once per device;
+    heavy_factor: see HEAVY_FACTOR."""
     if seq_len % spec.block_size:
         raise ValueError(f"seq_len={seq_len} is not a multiple of the pattern block {spec.block_size}; pad it first "
                          "(block_sparse_attention does)")

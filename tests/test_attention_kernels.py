@@ -74,7 +74,7 @@ def test_every_launch_order_gives_the_same_result(monkeypatch, heavy_factor):
     tables = bsa.block_tables(512, spec, False, torch.device("cpu"), heavy_factor)
     assert (tables.row_heavy, tables.col_heavy) == {0.0: (16, 16), 2.0: (2, 2), float("inf"): (0, 0)}[heavy_factor]
     monkeypatch.setattr(bsa, "HEAVY_FACTOR", heavy_factor)
-    check_tiles(False, (16, 16), 512, spec)
+    check_tiles(False, (16, 16), 512, spec, b=1, h=2)
 
 
 @interpreted
@@ -100,7 +100,7 @@ def test_tiles_smaller_than_the_pattern_block(causal, config):
     check_tiles(causal, config, 128, PatternSpec(32, None, 2, 32))
 
 
-def check_tiles(causal, config, s, spec):
+def check_tiles(causal, config, s, spec, b=2, h=3):
     """The launchers with fixed tiles, forward and backward, against float64."""
 
     class Attend(torch.autograd.Function):
@@ -114,7 +114,7 @@ def check_tiles(causal, config, s, spec):
         def backward(ctx, grad):
             return bsa.attention_backward(*ctx.saved_tensors, grad, None, spec, causal, 32**-0.5, config)
 
-    check_against_float64(Attend.apply, spec, causal, s)
+    check_against_float64(Attend.apply, spec, causal, s, b=b, h=h)
 
 
 @interpreted
@@ -173,6 +173,32 @@ def test_custom_op_compiles_without_graph_breaks():
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
     torch.library.opcheck(bsa._attention_op, (q, k, v, None, True, 0.2, 32, 0, 2, 32))
+
+
+@interpreted
+def test_the_registered_function_dispatches_to_the_kernels_where_they_apply(monkeypatch):
+    """The GPU dispatch rules, run on CPU in the interpreter: whole-block global tokens, fp16, no mask or a key padding
+    mask -> our kernels; 16 global tokens in 32-token blocks, or a general 4-D mask -> FlexAttention."""
+    import pixelfly_hf.attention as attention
+
+    flex_calls = []
+    monkeypatch.setattr(attention, "flex_pixelfly_attention", lambda *args: flex_calls.append(args) or args[0])
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 96, 32, generator=gen).half() for _ in range(3))
+    key_keep = torch.ones(2, 96, dtype=torch.bool)
+    key_keep[1, 70:] = False
+    padding = torch.ones(96, 96, dtype=torch.bool)[None, None] & key_keep[:, None, None]  # what sdpa_mask builds
+    general = padding & torch.rand(2, 1, 96, 96, generator=gen).gt(0.1)
+    spec = PatternSpec(32, None, 2, 32)
+    for keep, keys in ((None, None), (padding, key_keep)):
+        out = attention._gpu_pixelfly_attention(q, k, v, spec, False, 0.2, keep)
+        allowed = dense_pattern(96, 96, spec, False)[None, None] & (True if keys is None else keys[:, None, None])
+        torch.testing.assert_close(out.double(), float64_attention(q, k, v, allowed, 0.2), atol=2e-3, rtol=2e-3)
+    assert not flex_calls
+    attention._gpu_pixelfly_attention(q, k, v, PatternSpec(32, None, 2, 16), False, 0.2, None)
+    attention._gpu_pixelfly_attention(q, k, v, spec, False, 0.2, general)
+    attention._gpu_pixelfly_attention(q.float(), k.float(), v.float(), spec, False, 0.2, None)
+    assert len(flex_calls) == 3
 
 
 @pytest.mark.gpu
