@@ -229,7 +229,7 @@ def _attention_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, dq_
                UPCAST)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m)
     # delta = rowsum(O * dO), the softmax backward's correction term, for these rows: stored for the dK/dV kernel,
-    # which runs after this one (a launch of its own cost more host time than this load costs the GPU)
+    # which runs after this one (one launch less; on the H200 10 us less GPU time per step than its own kernel, A3)
     o = tl.load(o_ptr + b.to(tl.int64) * out_stride_b + h.to(tl.int64) * out_stride_h + offs_m[:, None] * out_stride_s
                 + offs_d[None, :])
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -300,7 +300,7 @@ def whole_blocks(n_blocks: int, spec: PatternSpec, causal: bool) -> torch.Tensor
 
 @lru_cache(maxsize=64)
 def block_tables(seq_len: int, spec: PatternSpec, causal: bool, device: torch.device,
-                 heavy_factor: float = HEAVY_FACTOR) -> BlockTables:
+                 heavy_factor: float) -> BlockTables:
     """The tables for a sequence of seq_len tokens (a multiple of the pattern block), built once per device;
     heavy_factor: see HEAVY_FACTOR."""
     if seq_len % spec.block_size:
@@ -334,10 +334,14 @@ def _check(q, k, v, spec):
         raise ValueError(f"dtype {q.dtype} is not one of {DTYPES}; use bfloat16 or float16")
     if not INTERPRET and spec.block_size < MIN_BLOCK_SIZE:
         raise ValueError(f"block_size={spec.block_size} is below {MIN_BLOCK_SIZE}, the tile height of the GPU kernels")
+    if k.stride() != q.stride() or v.stride() != q.stride() or q.stride(-1) != 1:
+        raise ValueError(f"q, k, v strides {q.stride()}, {k.stride()}, {v.stride()}: the kernels need one stride set with "
+                         "a unit stride over the head dim; pass them through _same_layout (block_sparse_attention does)")
 
 
 def _same_layout(q, k, v):
-    """q, k, v as views sharing one (b, h, s) stride set with unit stride over the head dim (a copy only if not)."""
+    """q, k, v as views sharing one (b, h, s) stride set with unit stride over the head dim (a copy only if not).
+    Done once, before autograd saves them, so the backward reads the same tensors without copying again."""
     if k.stride() == q.stride() and v.stride() == q.stride() and q.stride(-1) == 1:
         return q, k, v
     return tuple(t.contiguous() for t in (q, k, v))
@@ -364,18 +368,13 @@ def _launch(kernel, tuned, grid, args, meta, pattern_block, config):
     kernel[grid({**meta, "BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
 
 
-def _tables(S, spec, causal, device):
-    return block_tables(S, spec, causal, device, HEAVY_FACTOR)
-
-
 def attention_forward(q, k, v, key_bias: Optional[torch.Tensor], spec: PatternSpec, causal: bool, scale: float,
                       config=None):
     """(out, lse): out (B, H, S, D) in (B, S, H, D) memory, lse (B * H, S) fp32 in log2 units. key_bias: (B, S) fp32,
     0 where a key may be seen and -inf where not, or None."""
     _check(q, k, v, spec)
-    q, k, v = _same_layout(q, k, v)
     B, H, S, D = q.shape
-    t = _tables(S, spec, causal, q.device)
+    t = block_tables(S, spec, causal, q.device, HEAVY_FACTOR)
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B * H, S, device=q.device, dtype=torch.float32)
     meta = dict(D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PATTERN_BLOCK=spec.block_size, UPCAST=INTERPRET)
@@ -387,12 +386,11 @@ def attention_forward(q, k, v, key_bias: Optional[torch.Tensor], spec: PatternSp
 
 
 def attention_backward(q, k, v, out, lse, grad, key_bias, spec: PatternSpec, causal: bool, scale: float, config=None):
-    """(dq, dk, dv), each (B, H, S, D), laid out as _gradient_like says."""
-    q, k, v = _same_layout(q, k, v)
+    """(dq, dk, dv), each (B, H, S, D), laid out as _gradient_like says; q, k, v as attention_forward took them."""
     B, H, S, D = q.shape
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
-    t = _tables(S, spec, causal, q.device)
+    t = block_tables(S, spec, causal, q.device, HEAVY_FACTOR)
     delta = torch.empty_like(lse)
     dq, dk, dv = _gradient_like(q, out)
     meta = dict(D=D, CAUSAL=causal, HAS_BIAS=key_bias is not None, PATTERN_BLOCK=spec.block_size, UPCAST=INTERPRET)
@@ -436,7 +434,7 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
 
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, grad, key_bias, causal, scale, block_size, butterfly_size, n_factors, n_global):
-    return _gradient_like(_same_layout(q, k, v)[0], out)
+    return _gradient_like(q, out)
 
 
 def _setup_context(ctx, inputs, output):
@@ -457,8 +455,9 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _DirectAttention(torch.autograd.Function):
-    """The op's forward and backward without the custom-op dispatch, for eager calls: the dispatch costs more host
-    time than the kernels (session 11: 0.99 ms per fwd+bwd under do_bench against 0.73 replayed from a CUDA graph)."""
+    """The op's forward and backward without the custom-op dispatch, for eager calls, as the linear layers do since
+    v15 (benchmarks/NOTES.md): the dispatch and its generated backward node are host time per call. Not measured
+    apart for attention."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_bias, causal, scale, block_size, butterfly_size, n_factors, n_global):
@@ -485,6 +484,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp
     pad = -S % spec.block_size
     if pad:
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q, k, v = _same_layout(q, k, v)
     key_bias = None
     # causal rows never reach the padded keys, which come after every real query
     if key_keep is not None or (pad and not causal):

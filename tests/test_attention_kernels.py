@@ -54,7 +54,7 @@ def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
 
 @interpreted
 def test_tables_list_blocks_and_launch_heavy_blocks_first():
-    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"))
+    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"), bsa.HEAVY_FACTOR)
     # causal: query block 5 sees the global block 0, its XOR partners 4 and 7 (not: later), and its neighbour 4
     assert tables.rows[5, : tables.n_rows[5]].tolist() == [0, 4]
     # the global key block is seen by every later query block: the one heavy column, launched first
@@ -81,7 +81,7 @@ def test_every_launch_order_gives_the_same_result(monkeypatch, heavy_factor):
 def test_partial_global_blocks_are_refused():
     assert not bsa.supports(PatternSpec(128, None, 3, 64))
     with pytest.raises(ValueError, match="64 global tokens do not fill whole 128-token blocks"):
-        bsa.block_tables(512, PatternSpec(128, None, 3, 64), True, torch.device("cpu"))
+        bsa.block_tables(512, PatternSpec(128, None, 3, 64), True, torch.device("cpu"), 2.0)
 
 
 @interpreted
@@ -144,6 +144,19 @@ def test_strided_inputs_and_output_layout():
     assert out.transpose(1, 2).is_contiguous()
     keep = dense_pattern(96, 96, spec, True)
     torch.testing.assert_close(out.double(), float64_attention(q, k, v, keep, 0.2), atol=2e-5, rtol=1e-4)
+
+
+@interpreted
+def test_inputs_in_different_layouts():
+    """q a transposed projection, k and v contiguous (as after repeating grouped K/V heads): made one layout once,
+    forward and backward right; the launchers themselves refuse mixed strides."""
+    spec = PatternSpec(32, None, 2, 32)
+    check_against_float64(lambda q, k, v: bsa.block_sparse_attention(q.transpose(1, 2).contiguous().transpose(1, 2),
+                                                                     k, v, spec, True, 32**-0.5), spec, True, 96)
+    q = torch.randn(1, 96, 2, 32).transpose(1, 2)
+    k = torch.randn(1, 2, 96, 32)
+    with pytest.raises(ValueError, match="one stride set"):
+        bsa.attention_forward(q, k, k, None, spec, True, 0.2)
 
 
 @interpreted
