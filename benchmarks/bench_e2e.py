@@ -1,32 +1,32 @@
-"""End to end: GPT-2 training steps, dense HF GPT-2 (SDPA) vs Pixelfly GPT-2, eager and torch.compile, one GPU.
+"""End to end: training steps of HF GPT-2, BERT and ViT, dense against Pixelfly, in one process on one GPU.
 
-    python benchmarks/bench_e2e.py --json e2e.json --md e2e.md          # small + medium, ~5 min on one H200
-    python benchmarks/bench_e2e.py --dry-run                            # tiny GPT-2 on CPU, checks the script
+    python benchmarks/bench_e2e.py --json e2e.json --md e2e.md --plot e2e.png   # the README's rows
+    python benchmarks/bench_e2e.py --rows gpt2-medium:8x1024 --modes cudagraphs # one row, one mode
+    python benchmarks/bench_e2e.py --dry-run                                    # tiny models on CPU, checks the script
 
-For each model (small 16x1024 tokens, medium 8x1024 by default), variant (dense / Pixelfly) and mode (eager /
-compile / cudagraphs): tokens/s (batch * seq / median step time), median step time, peak GPU memory (max_memory_allocated,
-reset per config), warmup time (the first step carries torch.compile and Triton autotuning; excluded from the
-timing), and with --profile a per-step breakdown of GPU kernel time from torch.profiler (sparse matmuls = our
-Triton kernels; dense matmuls = cuBLAS/CUTLASS incl. the LM head and the Pixelfly low-rank GEMMs; attention;
-elementwise/norms; loss; optimizer incl. grad clipping; other) and the host gap (step time minus summed kernel
-time: large means the GPU waits on Python), with the host ops that take the most self CPU time per step.
+A row is MODEL:BATCHxSEQ (ViT: BATCHxIMAGE_SIDE). For each row, mode (eager; compile = torch.compile of the model;
+cudagraphs = compile with mode="reduce-overhead") and variant (the same HF model dense, or through
+`get_model(model, PixelflyConfig(density, low_rank, block_size, init="random"))`) it reports the median step time,
+tokens (or images) per second, peak GPU memory, the warm-up (first steps: compile and autotuning), the loss at the
+end of an equal number of steps on the same data, and with --profile a per-step breakdown of GPU kernel time
+(sparse matmul = our Triton kernels; dense matmul = cuBLAS/CUTLASS, the LM head and the low-rank GEMMs included;
+attention; elementwise/norm; loss; optimizer incl. grad clipping; other) and the host gap (step time minus
+kernel time: large means the GPU waits on Python).
 
-What is shared with the recipe (recipes/gpt2_wikitext.py): its flags and defaults (model presets, dropout,
-density, low rank, Pixelfly block size, target modules, lr, betas, weight decay, grad clip, schedule) through
-its own `parse_args`, the Pixelfly wiring (`common.apply_pixelfly`, random init as for from-scratch training)
-and the optimizer (`common.make_optimizer`: AdamW, fused on GPU, no decay on biases/norms). The step itself lives inside accelerate's loop
-(`common.fit`), so it is replicated minimally: bf16 autocast on the forward (what `accelerate launch
---mixed_precision bf16` does, fp32 weights), backward, clip_grad_norm_, optimizer step, lr schedule step,
-zero_grad. Inputs are random tokens with labels = inputs
-and an all-ones attention mask, as the recipe's collator gives (`--no-attention-mask` drops it).
-`--vocab-multiple 64` pads both variants' vocabulary (50257 -> 50304, as nanoGPT does) so the LM head's GEMMs get
-aligned tensor-core kernels (session 7: the unpadded head's align-1 cuBLAS kernels took 28% of dense GPT-2 small's
-eager step); the inputs stay within the tokenizer's ids.
+The step is the recipes' (recipes/common.py `fit` under `accelerate launch --mixed_precision bf16`): bf16 autocast on
+the forward with fp32 weights, backward, clip_grad_norm_(1.0), the recipes' AdamW (`common.make_optimizer`: fused on
+GPU, no decay on biases and norms), a linear schedule, zero_grad. Data: GPT-2 and BERT read the shipped Shakespeare
+text through the shipped GPT-2 tokenizer (BERT as masked LM, 15% of the positions masked, vocabulary + 1 for the
+mask token); ViT gets synthetic 10-class images (a fixed template per class plus noise), so its loss can fall. Every
+variant sees the same batches in the same order. The vocabulary is padded to a multiple of --vocab-multiple for
+both variants (64: 50257 -> 50304, as nanoGPT does) so the LM head's GEMMs get aligned tensor-core kernels.
+
+Pixelfly attention: with --pixelfly-attention (default) the Pixelfly variant uses attention="pixelfly" on rows of at
+least --sparse-attention-from tokens (default 2048, the library's own threshold below which it runs SDPA anyway).
 """
 import argparse
 import contextlib
 import gc
-import importlib
 import io
 import json
 import math
@@ -35,20 +35,22 @@ import statistics
 import sys
 import time
 import traceback
-import types
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, get_scheduler
+from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig,
+                          ViTForImageClassification, get_scheduler)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_BATCH = {"tiny": 2, "small": 16, "medium": 8}
+sys.path.insert(0, str(RECIPES))
+import common  # noqa: E402  (the recipes' optimizer, so both variants train as the recipes train)
+
 VARIANTS = ("dense", "pixelfly")
-# cudagraphs = torch.compile(mode="reduce-overhead"): the compiled graphs replayed as CUDA graphs (no host launches)
 MODES = ("eager", "compile", "cudagraphs")
 CATEGORIES = ("sparse matmul", "dense matmul", "attention", "elementwise/norm", "loss", "optimizer", "other")
 # Kernel/op name substrings (lower case). Scope categories are matched first, over the op and its CPU parents
@@ -57,7 +59,7 @@ SCOPE_PATTERNS = (
     ("sparse matmul", ("butterfly",)),
     ("optimizer", ("optimizer", "adam", "multi_tensor", "foreach", "clip_grad")),
     ("loss", ("cross_entropy", "nll_loss", "nllloss", "log_softmax", "logsoftmax")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "cudnn")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "cudnn", "attn_fwd", "attn_bwd")),
 )
 OWN_PATTERNS = (
     ("dense matmul", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "splitk", "triton_tem", "aten::mm",
@@ -66,75 +68,110 @@ OWN_PATTERNS = (
                           "tanh", "bernoulli", "pow", "add", "mul", "div", "copy", "fill", "cat", "index", "embedding",
                           "softmax", "where", "sum", "native_")),
 )
+TOKENIZER = RECIPES / "data" / "gpt2_tokenizer"
+CORPUS = RECIPES / "data" / "shakespeare" / "train.txt"
+VIT_CLASSES = 10
+LOSS_WINDOW = 5  # the loss reported is the mean over the last this many steps
 
 
-def import_recipe():
-    """recipes/gpt2_wikitext.py as a module. It imports `datasets` at the top, which the GPU machines lack; the
-    benchmark uses only its flags, so a stand-in is put in place for the import when `datasets` is missing."""
-    sys.path.insert(0, str(RECIPES))
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        def load_dataset(*_args, **_kwargs):
-            raise RuntimeError("`datasets` is not installed: bench_e2e.py only reads the recipe's flags")
+@dataclass(frozen=True)
+class Model:
+    """One benchmarked architecture: its HF config, the kernel's minimum tile for Pixelfly and its learning rate."""
 
-        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=load_dataset)
-        try:
-            return importlib.import_module("gpt2_wikitext")
-        finally:
-            del sys.modules["datasets"]
-    return importlib.import_module("gpt2_wikitext")
+    family: str  # "gpt2" | "bert" | "vit"
+    config: dict
+    block_size: int
+    lr: float
 
 
-def parse_args(recipe, argv=None):
+MODELS = {
+    "gpt2-tiny": Model("gpt2", dict(n_layer=2, n_embd=128, n_head=4), 16, 2e-3),
+    "gpt2-small": Model("gpt2", dict(n_layer=12, n_embd=768, n_head=12), 32, 6e-4),
+    "gpt2-medium": Model("gpt2", dict(n_layer=24, n_embd=1024, n_head=16), 32, 3e-4),
+    "bert-tiny": Model("bert", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=512), 16, 1e-3),
+    "bert-base": Model("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    intermediate_size=3072), 32, 1e-4),
+    "vit-tiny": Model("vit", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                                  patch_size=8), 16, 1e-3),
+    "vit-base": Model("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  intermediate_size=3072, patch_size=16), 32, 3e-4),
+}
+# issue 23's rows: the sizes people train, and long sequences where sparse attention pays
+DEFAULT_ROWS = ("gpt2-small:16x1024", "gpt2-medium:8x1024", "bert-base:32x512", "vit-base:128x224",
+                "gpt2-small:4x4096", "gpt2-medium:2x4096", "gpt2-small:2x8192", "gpt2-medium:1x8192")
+DRY_ROWS = ("gpt2-tiny:2x128", "bert-tiny:2x64", "vit-tiny:2x32")
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    batch: int
+    seq: int  # tokens per sequence; ViT: the image side in pixels
+
+    @property
+    def name(self):
+        return f"{self.model}:{self.batch}x{self.seq}"
+
+    @property
+    def tokens(self):
+        """Positions per step: tokens for text models, patches (+ the class token) for ViT."""
+        if MODELS[self.model].family == "vit":
+            return self.batch * ((self.seq // MODELS[self.model].config["patch_size"]) ** 2 + 1)
+        return self.batch * self.seq
+
+
+def parse_row(text):
+    model, sep, shape = text.partition(":")
+    batch, x, seq = shape.partition("x")
+    if model not in MODELS or not sep or not x or not batch.isdigit() or not seq.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"row {text!r}: give MODEL:BATCHxSEQ with MODEL one of {sorted(MODELS)}, e.g. gpt2-small:16x1024")
+    row = Row(model, int(batch), int(seq))
+    patch = MODELS[model].config.get("patch_size")
+    if row.batch < 1 or row.seq < 2 or (patch and row.seq % patch):
+        raise argparse.ArgumentTypeError(f"row {text!r}: batch >= 1 and seq >= 2 (ViT: a multiple of the patch {patch})")
+    return row
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=sorted(recipe.MODEL_SIZES), default=None,
-                   help="GPT-2 presets of the recipe (default: small medium; tiny with --dry-run)")
-    p.add_argument("--batch", type=int, default=None,
-                   help=f"sequences per step for every model (default per model: {DEFAULT_BATCH})")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sequence (default: the recipe preset's, 1024 for small/medium; 128 with --dry-run)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 20; 2 with --dry-run)")
+    p.add_argument("--rows", nargs="+", type=parse_row, default=None,
+                   help=f"MODEL:BATCHxSEQ rows (default: {' '.join(DEFAULT_ROWS)}; with --dry-run {' '.join(DRY_ROWS)})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="default: compile cudagraphs (eager with --dry-run)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 15; 2 with --dry-run)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first, compile + autotune included (default 5; 1 with --dry-run)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="eager, compile (torch.compile of the whole model), cudagraphs (compile with "
-                        "mode='reduce-overhead'); default eager and compile, eager with --dry-run")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--density", type=float, default=None,
-                   help="Pixelfly budget per matrix (default: the recipe's --density default)")
-    p.add_argument("--attention-mask", action=argparse.BooleanOptionalAction, default=True,
-                   help="pass the all-ones attention mask the recipe's collator gives")
+    p.add_argument("--density", type=float, default=0.25, help="Pixelfly budget per matrix")
+    p.add_argument("--low-rank", type=int, default=32, help="rank of the Pixelfly low-rank term")
+    p.add_argument("--block-size", type=int, default=None, help="the kernel's minimum tile (default: per model)")
+    p.add_argument("--target-modules", nargs="+", default=["attn", "mlp"])
+    p.add_argument("--pixelfly-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="Pixelfly attention on rows of at least --sparse-attention-from tokens")
+    p.add_argument("--sparse-attention-from", type=int, default=2048)
+    p.add_argument("--vocab-multiple", type=int, default=64,
+                   help="pad the vocabulary of both variants to a multiple of this (1: GPT-2's 50257 as is)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="per-step time breakdown from torch.profiler")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=300.0,
+    p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new config after this many seconds; the rest are marked skipped")
-    p.add_argument("--vocab-multiple", type=int, default=1,
-                   help="pad the vocabulary of both variants to a multiple of this (64: 50257 -> 50304)")
     p.add_argument("--json", type=Path, default=None, help="write all numbers here")
     p.add_argument("--md", type=Path, default=None, help="write the Markdown tables here")
-    p.add_argument("--dry-run", action="store_true",
-                   help="tiny GPT-2 (2 layers, 128 wide, seq 128, batch 2) on CPU, reference backend, 2 steps")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--dry-run", action="store_true", help="tiny models on CPU, reference backend, 2 steps")
     args = p.parse_args(argv)
     dry = args.dry_run
-    args.models = args.models or (["tiny"] if dry else ["small", "medium"])
-    args.seq_len = args.seq_len or (128 if dry else None)
-    args.steps = args.steps if args.steps is not None else (2 if dry else 20)
+    args.rows = args.rows or [parse_row(r) for r in (DRY_ROWS if dry else DEFAULT_ROWS)]
+    args.steps = args.steps if args.steps is not None else (2 if dry else 15)
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 5)
-    args.modes = args.modes or (["eager"] if dry else ["eager", "compile"])
-    for flag in ("steps", "profile_steps", "vocab_multiple"):
+    args.modes = args.modes or (["eager"] if dry else ["compile", "cudagraphs"])
+    for flag in ("steps", "warmup", "profile_steps", "vocab_multiple"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-    if args.warmup < 1:
-        p.error(f"--warmup {args.warmup} must be >= 1 (the first step compiles and autotunes; it is never timed)")
-    if args.seq_len is not None and not 2 <= args.seq_len <= 1024:
-        p.error(f"--seq-len {args.seq_len} does not fit GPT-2's 1024 positions: give 2 to 1024")
-    if args.batch is not None and args.batch < 1:
-        p.error(f"--batch {args.batch} must be >= 1")
-    missing = [m for m in args.models if args.batch is None and m not in DEFAULT_BATCH]
-    if missing:
-        p.error(f"no default batch for --models {' '.join(missing)}: pass --batch N")
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1 (the first step compiles and "
+                    "autotunes; it is never timed)")
     if dry:
         args.device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -144,37 +181,64 @@ def parse_args(recipe, argv=None):
     return args
 
 
-def recipe_args(recipe, model_size, variant, density, seq_len):
-    """The recipe's own parsed flags for this run (its defaults and validation)."""
-    argv = ["--model_size", model_size] + (["--seq_len", str(seq_len)] if seq_len else [])
-    if variant == "dense":
-        argv.append("--dense")
-    elif density is not None:
-        argv += ["--density", repr(density)]
-    try:
-        return recipe.parse_args(argv)
-    except recipe.common.RecipeError as error:
-        raise SystemExit(f"error: {error}") from None
+def build_model(row, vocab_size):
+    spec = MODELS[row.model]
+    if spec.family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=max(1024, row.seq), **spec.config)
+        model = GPT2LMHeadModel(config)
+    elif spec.family == "bert":
+        config = BertConfig(vocab_size=vocab_size, max_position_embeddings=max(512, row.seq), **spec.config)
+        model = BertForMaskedLM(config)
+    else:
+        config = ViTConfig(image_size=row.seq, num_labels=VIT_CLASSES, **spec.config)
+        model = ViTForImageClassification(config)
+    model.config._attn_implementation = "sdpa"
+    if spec.family != "vit":
+        model.loss_type = "ForCausalLM" if spec.family == "gpt2" else "ForMaskedLM"  # no per-forward warning
+    return model
 
 
-def seq_len_of(recipe, args, model_size):
-    """--seq-len, else the recipe preset's (as the recipe: its --seq_len, else the preset's)."""
-    return args.seq_len or recipe.MODEL_SIZES[model_size]["seq_len"]
+def apply_pixelfly(model, row, args):
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    attention = "pixelfly" if args.pixelfly_attention and row.tokens // row.batch >= args.sparse_attention_from \
+        else "dense"
+    config = PixelflyConfig(density=args.density, low_rank=args.low_rank, target_modules=list(args.target_modules),
+                            block_size=args.block_size or MODELS[row.model].block_size, attention=attention,
+                            init="random")
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = get_model(model, config)
+    summary = model.sparsity_summary()
+    return model, {"density": summary["density"], "low_rank": args.low_rank, "attention": attention,
+                   "block_size": config.block_size, "replaced_matrices": summary["replaced_matrices"],
+                   "layers": summary["layers"]}
 
 
-def build(recipe, rargs, vocab_size, tokenizer, device):
-    """The recipe's from-scratch GPT-2 (same GPT2Config as its main()), Pixelfly applied as the recipe does."""
-    preset = recipe.MODEL_SIZES[rargs.model_size]
-    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, n_layer=preset["n_layer"], n_embd=preset["n_embd"],
-                        n_head=preset["n_head"], resid_pdrop=rargs.dropout, embd_pdrop=rargs.dropout,
-                        attn_pdrop=rargs.dropout, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.loss_type = "ForCausalLM"  # as the recipe does: no per-forward warning, no graph break there
-    main_process = types.SimpleNamespace(is_main_process=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # the per-matrix table goes to the JSON, not the console
-        model, sparsity = recipe.common.apply_pixelfly(model, rargs, main_process, pretrained=False)
-    return model.to(device), sparsity
+def make_batches(row, vocab_size, tokenizer, n_batches, device):
+    """n_batches input dicts for the row, the same for every variant (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    family = MODELS[row.model].family
+    if family == "vit":
+        templates = torch.randn(VIT_CLASSES, 3, 8, 8, generator=generator)
+        templates = torch.nn.functional.interpolate(templates, size=(row.seq, row.seq), mode="bilinear")
+        batches = []
+        for _ in range(n_batches):
+            labels = torch.randint(0, VIT_CLASSES, (row.batch,), generator=generator)
+            pixels = templates[labels] + torch.randn(row.batch, 3, row.seq, row.seq, generator=generator)
+            batches.append({"pixel_values": pixels, "labels": labels})
+    else:
+        ids = tokenizer(CORPUS.read_text(encoding="utf-8"), return_attention_mask=False)["input_ids"]
+        need = n_batches * row.batch * row.seq
+        ids = torch.tensor((ids * math.ceil(need / len(ids)))[:need]).view(n_batches, row.batch, row.seq)
+        batches = []
+        for chunk in ids:
+            if family == "gpt2":
+                batches.append({"input_ids": chunk, "labels": chunk, "attention_mask": torch.ones_like(chunk)})
+                continue
+            masked = torch.rand(chunk.shape, generator=generator) < 0.15
+            batches.append({"input_ids": torch.where(masked, vocab_size - 1, chunk),
+                            "labels": torch.where(masked, chunk, -100), "attention_mask": torch.ones_like(chunk)})
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 class StepTimer:
@@ -252,88 +316,76 @@ def breakdown(prof, device, n_steps, step_ms):
     }
 
 
-def run_config(recipe, args, model_size, variant, mode, vocab_size, tokenizer):
+def run_config(args, row, variant, mode, vocab_size, batches):
     device = args.device
-    rargs = recipe_args(recipe, model_size, variant, args.density, args.seq_len)
-    seq = seq_len_of(recipe, args, model_size)
-    batch = args.batch or DEFAULT_BATCH[model_size]
-    row = {"model": model_size, "variant": variant, "mode": mode, "batch": batch, "seq_len": seq, "vocab_size": vocab_size}
+    result = {"row": row.name, "model": row.model, "batch": row.batch, "seq_len": row.seq, "tokens": row.tokens,
+              "variant": variant, "mode": mode, "vocab_size": vocab_size}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(rargs.seed)
-    model, sparsity = build(recipe, rargs, vocab_size, tokenizer, device)
-    row["params"] = sum(p.numel() for p in model.parameters())
-    if sparsity is not None:
-        row["pixelfly"] = {"density": sparsity["density"], "low_rank": rargs.low_rank,
-                           "block_size": rargs.pixelfly_block_size, "target_modules": rargs.target_modules,
-                           "replaced_matrices": sparsity["replaced_matrices"], "layers": sparsity["layers"]}
-    model.train()
-    optimizer = recipe.common.make_optimizer(model, rargs, args.device)
+    torch.manual_seed(0)
+    model = build_model(row, vocab_size)
+    if variant == "pixelfly":
+        model, result["pixelfly"] = apply_pixelfly(model, row, args)
+    model.to(device).train()
+    result["params"] = sum(p.numel() for p in model.parameters())
+    hyper = argparse.Namespace(learning_rate=MODELS[row.model].lr, weight_decay=0.01, adam_beta2=0.999)
+    optimizer = common.make_optimizer(model, hyper, device)
     total_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
-    scheduler = get_scheduler(rargs.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=rargs.num_warmup_steps,
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total_steps)
     forward = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
-    input_ids = torch.randint(0, len(tokenizer), (batch, seq), device=device)  # padded ids never occur
-    inputs = {"input_ids": input_ids, "labels": input_ids}
-    if args.attention_mask:
-        inputs["attention_mask"] = torch.ones_like(input_ids)
+    losses, counter = [], iter(range(10**9))
 
     def step():
+        inputs = batches[next(counter) % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = forward(**inputs).loss
         loss.backward()
-        loss = loss.detach()
-        if rargs.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), rargs.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad()
-        return loss
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())  # clone: a CUDA-graph output is overwritten by the next replay
 
     torch._dynamo.utils.counters.clear()
     tick = time.perf_counter()
-    loss = step()
+    step()
     sync(device)
-    row["first_step_s"] = time.perf_counter() - tick
+    result["first_step_s"] = time.perf_counter() - tick
     for _ in range(args.warmup - 1):
-        loss = step()
+        step()
     sync(device)
-    row["warmup_s"] = time.perf_counter() - tick
+    result["warmup_s"] = time.perf_counter() - tick
     if mode != "eager":
         counters = torch._dynamo.utils.counters
-        row["graph_breaks"] = sum(counters["graph_break"].values())
-        row["graph_break_reasons"] = [str(reason)[:300] for reason in list(counters["graph_break"])[:5]]
-        row["unique_graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
+        result["graph_break_reasons"] = [str(reason)[:300] for reason in list(counters["graph_break"])[:5]]
 
     timer = StepTimer(device)
-    tick = time.perf_counter()
     timer.mark()
     for _ in range(args.steps):
-        loss = step()
+        step()
         timer.mark()
     times = timer.step_ms()
-    wall = time.perf_counter() - tick
     median = statistics.median(times)
-    row.update(status="ok", step_ms=median, step_ms_mean=wall * 1e3 / args.steps, step_ms_min=min(times),
-               step_ms_max=max(times), tokens_per_s=batch * seq / (median / 1e3), final_loss=loss.item())
-    if not math.isfinite(row["final_loss"]):
-        row["warning"] = f"loss is {row['final_loss']}: the numbers time a diverged run"
+    result.update(status="ok", step_ms=median, step_ms_min=min(times), step_ms_max=max(times),
+                  tokens_per_s=row.tokens / (median / 1e3))
     if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     if args.profile:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync(device)
-        tick = time.perf_counter()
         with profile(activities=activities) as prof:
             for _ in range(args.profile_steps):
                 step()
             sync(device)
-        row["profiled_step_ms"] = (time.perf_counter() - tick) * 1e3 / args.profile_steps
-        row["breakdown"] = breakdown(prof, device, args.profile_steps, median)
-        if not row["breakdown"]["busy_ms_per_step"]:
-            row["warning"] = "the profiler recorded no device time: the breakdown is empty"
-    return row
+        result["breakdown"] = breakdown(prof, device, args.profile_steps, median)
+    trained = torch.stack(losses).float().cpu()
+    result["steps_trained"] = len(trained)
+    result["loss_end"] = trained[-LOSS_WINDOW:].mean().item()
+    if not math.isfinite(result["loss_end"]):
+        result["warning"] = f"loss is {result['loss_end']}: the numbers time a diverged run"
+    return result
 
 
 def release(device):
@@ -347,55 +399,108 @@ def fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
-def summary_table(rows):
+def best_dense(results):
+    """Per row: the fastest dense result (the baseline a user would pick)."""
     best = {}
-    for r in rows:
+    for r in results:
         if r["variant"] == "dense" and r.get("status") == "ok":
-            best[r["model"]] = max(best.get(r["model"], 0.0), r["tokens_per_s"])
-    lines = ["| model | variant | mode | batch x seq | tokens/s | step ms | peak GiB | speedup vs best dense | "
-             "warmup s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+            if r["row"] not in best or r["step_ms"] < best[r["row"]]["step_ms"]:
+                best[r["row"]] = r
+    return best
+
+
+def summary_table(results):
+    best = best_dense(results)
+    lines = ["| row | variant | mode | step ms | tokens/s | speedup vs best dense | peak GiB | warm-up s | "
+             f"loss after equal steps (vs dense) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
         ok = r.get("status") == "ok"
-        speed = r["tokens_per_s"] / best[r["model"]] if ok and r["model"] in best else None
+        base = best.get(r["row"])
+        speed = base["step_ms"] / r["step_ms"] if ok and base else None
         variant = r["variant"]
         if "pixelfly" in r:
-            variant += f" ({r['pixelfly']['density']:.1%})"
-        note = r.get("error") or r.get("warning") or ""
-        if r.get("status") == "skipped":
-            note = "skipped: over --budget-s"
+            pf = r["pixelfly"]
+            variant += f" ({pf['density']:.1%}, r={pf['low_rank']}{', sparse attn' if pf['attention'] == 'pixelfly' else ''})"
+        loss = fmt(r.get("loss_end"), ".4f")
+        if ok and base and r is not base and "loss_end" in base:
+            loss += f" ({100 * (r['loss_end'] / base['loss_end'] - 1):+.1f}%)"
+        note = r.get("error") or r.get("warning") or ("skipped: over --budget-s" if r.get("status") == "skipped" else "")
         if r.get("graph_breaks"):
             note = (note + f"; {r['graph_breaks']} graph breaks").lstrip("; ")
-        lines.append(
-            f"| gpt2-{r['model']} | {variant} | {r['mode']} | {r['batch']}x{r['seq_len']} | "
-            f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
-            f"{fmt(speed, '.2f')} | {fmt(r.get('warmup_s'), '.1f')} | {note.replace('|', '/')} |")
+        lines.append(f"| {r['row']} | {variant} | {r['mode']} | {fmt(r.get('step_ms'), '.1f')} | "
+                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(speed, '.2f')} | {fmt(r.get('peak_gib'), '.1f')} | "
+                     f"{fmt(r.get('warmup_s'), '.1f')} | {loss} | {note.replace('|', '/')} |")
     return "\n".join(lines)
 
 
-def breakdown_tables(rows):
-    profiled = [r for r in rows if "breakdown" in r]
+def breakdown_tables(results):
+    profiled = [r for r in results if "breakdown" in r]
     if not profiled:
         return ""
     source = profiled[0]["breakdown"]["busy_source"]
-    lines = [f"Per-step time by category, % of busy time ({source}); host gap = step time - busy time.", "",
-             "| model | variant | mode | step ms | busy ms | host gap ms | " + " | ".join(CATEGORIES) + " |",
+    lines = [f"Per-step time by category, ms ({source}); host gap = step time - busy time.", "",
+             "| row | variant | mode | step | busy | host gap | " + " | ".join(CATEGORIES) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
     for r in profiled:
         b = r["breakdown"]
-        lines.append(f"| gpt2-{r['model']} | {r['variant']} | {r['mode']} | {r['step_ms']:.1f} | "
-                     f"{b['busy_ms_per_step']:.1f} | {b['host_gap_ms_per_step']:.1f} | "
-                     + " | ".join(f"{b['category_pct'][c]:.1f}" for c in CATEGORIES) + " |")
+        lines.append(f"| {r['row']} | {r['variant']} | {r['mode']} | {r['step_ms']:.1f} | {b['busy_ms_per_step']:.1f} | "
+                     f"{b['host_gap_ms_per_step']:.1f} | "
+                     + " | ".join(f"{b['category_ms_per_step'][c]:.1f}" for c in CATEGORIES) + " |")
     for r in profiled:
-        what = "kernels" if r["breakdown"]["busy_source"] == "CUDA kernels" else "ops"
-        lines += ["", f"Top {what}, gpt2-{r['model']} {r['variant']} {r['mode']}:", "",
+        lines += ["", f"Top kernels, {r['row']} {r['variant']} {r['mode']}:", "",
                   "| ms/step | % | category | name |", "|---|---|---|---|"]
         lines += [f"| {k['ms_per_step']:.2f} | {k['pct']:.1f} | {k['category']} | `{k['name'][:110]}` |"
                   for k in r["breakdown"]["top_kernels"]]
-        if r["breakdown"]["top_host_ops"]:
-            lines += ["", f"Host ops by self CPU time, gpt2-{r['model']} {r['variant']} {r['mode']}:", "",
-                      "| self CPU ms/step | op |", "|---|---|"]
-            lines += [f"| {k['self_cpu_ms_per_step']:.2f} | `{k['name'][:110]}` |" for k in r["breakdown"]["top_host_ops"]]
     return "\n".join(lines)
+
+
+def plot(results, path):
+    """Per row, the fastest mode of each variant as stacked per-category bars, in units of the dense step (so rows
+    of very different sizes share one axis), the speedup above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fastest = {}
+    for r in results:
+        key = (r["row"], r["variant"])
+        if r.get("status") == "ok" and (key not in fastest or r["step_ms"] < fastest[key]["step_ms"]):
+            fastest[key] = r
+    rows = [row for row in dict.fromkeys(r["row"] for r in results) if (row, "dense") in fastest]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    colors = list(plt.get_cmap("tab10").colors[:len(CATEGORIES)]) + ["lightgrey"]
+    width = 0.38
+    for i, row in enumerate(rows):
+        unit = fastest[(row, "dense")]["step_ms"]
+        for j, variant in enumerate(VARIANTS):
+            r = fastest.get((row, variant))
+            if r is None:
+                continue
+            parts = r.get("breakdown", {}).get("category_ms_per_step", {})
+            busy = sum(parts.values())
+            scale = r["step_ms"] / busy if busy > r["step_ms"] else 1.0  # CPU self times can overlap
+            heights = [parts.get(c, 0.0) * scale for c in CATEGORIES]
+            heights.append(max(r["step_ms"] - sum(heights), 0.0))
+            bottom = 0.0
+            for c, height in enumerate(heights):
+                ax.bar(i + (j - 0.5) * width, height / unit, width, bottom=bottom, color=colors[c],
+                       hatch="//" if variant == "pixelfly" else None,
+                       label=(list(CATEGORIES) + ["host gap / unprofiled"])[c] if (i, j) == (0, 0) else None)
+                bottom += height / unit
+        ours = fastest.get((row, "pixelfly"))
+        if ours:
+            ax.text(i, max(1.0, ours["step_ms"] / unit) + 0.03, f"{unit / ours['step_ms']:.2f}x", ha="center",
+                    fontsize=9)
+    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("step time / dense step time")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    ax.set_title("Training step: dense (left) vs Pixelfly (right, hatched), fastest mode each", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def environment(device):
@@ -410,68 +515,65 @@ def environment(device):
     return env
 
 
-def main(argv=None):
-    start = time.perf_counter()
-    recipe = import_recipe()
-    args = parse_args(recipe, argv)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.SHIPPED_TOKENIZER)
-    vocab_size = math.ceil(len(tokenizer) / args.vocab_multiple) * args.vocab_multiple
-    defaults = recipe_args(recipe, args.models[0], "pixelfly", args.density, args.seq_len)
-    print(f"{environment(args.device)}\nPixelfly: density {defaults.density}, low rank {defaults.low_rank}, "
-          f"targets {defaults.target_modules}; recipe's AdamW, attention mask "
-          f"{'ones' if args.attention_mask else 'none'}; budget {args.budget_s:.0f} s", flush=True)
-
-    rows = []
-    for model_size in args.models:
-        for mode in args.modes:
-            for variant in args.variants:
-                elapsed = time.perf_counter() - start
-                head = {"model": model_size, "variant": variant, "mode": mode,
-                        "batch": args.batch or DEFAULT_BATCH[model_size],
-                        "seq_len": seq_len_of(recipe, args, model_size)}
-                if elapsed > args.budget_s:
-                    rows.append({**head, "status": "skipped"})
-                    print(f"[{elapsed:5.0f}s] gpt2-{model_size} {variant} {mode}: skipped (over --budget-s)")
-                    continue
-                print(f"[{elapsed:5.0f}s] gpt2-{model_size} {variant} {mode} ...", flush=True)
-                try:
-                    row = run_config(recipe, args, model_size, variant, mode, vocab_size, tokenizer)
-                    print(f"        {row['tokens_per_s']:,.0f} tokens/s, {row['step_ms']:.1f} ms/step, "
-                          f"warmup {row['warmup_s']:.1f} s", flush=True)
-                except Exception as error:  # a failed compile or OOM must not stop the other configs
-                    traceback.print_exc()
-                    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                    row = {**head, "status": "error", "error": text[:400]}
-                    print(f"        failed: {row['error']}", flush=True)
-                rows.append(row)
-                release(args.device)
-                write_outputs(args, rows, defaults, start)  # after every config, so a killed run keeps its rows
-
-    title, table, details = write_outputs(args, rows, defaults, start)
-    if details:
-        print("\n" + details)
-    print(f"\n{title}\n\n{table}")
-
-
-def write_outputs(args, rows, defaults, start):
-    """Write --json / --md with the rows so far; return the title and the two tables."""
-    details = breakdown_tables(rows)
-    table = summary_table(rows)
+def write_outputs(args, results, start):
+    """Write --json / --md / --plot with the results so far; return the title and the two tables."""
+    details = breakdown_tables(results)
+    table = summary_table(results)
     total = time.perf_counter() - start
-    title = (f"GPT-2 training step, {environment(args.device)['device']}, bf16 autocast, recipe's AdamW ({'fused' if args.device.type == 'cuda' else 'foreach'}), "
-             f"{args.steps} timed steps after {args.warmup} warmup, medians; total {total:.0f} s")
+    title = (f"Training step, {environment(args.device)['device']}, bf16 autocast, fp32 weights, the recipes' AdamW "
+             f"({'fused' if args.device.type == 'cuda' else 'foreach'}), clip 1.0; {args.steps} timed steps after "
+             f"{args.warmup} warm-up, medians; total {total:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"environment": environment(args.device), "total_s": total,
-                "recipe_defaults": {"density": defaults.density, "low_rank": defaults.low_rank,
-                                    "target_modules": defaults.target_modules, "dropout": defaults.dropout,
-                                    "max_grad_norm": defaults.max_grad_norm, "weight_decay": defaults.weight_decay},
-                "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}}
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+        meta = {"environment": environment(args.device), "total_s": total, "command": " ".join(sys.argv),
+                "args": {k: (str(v) if isinstance(v, (Path, torch.device)) else
+                             [x.name for x in v] if k == "rows" else v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(f"{title}\n\n{table}\n\n{details}\n")
+    if args.plot and results:
+        plot(results, args.plot)
     return title, table, details
+
+
+def main(argv=None):
+    start = time.perf_counter()
+    args = parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    print(f"{environment(args.device)}\nPixelfly: density {args.density}, low rank {args.low_rank}, targets "
+          f"{args.target_modules}; budget {args.budget_s:.0f} s", flush=True)
+    results = []
+    for row in args.rows:
+        # text models: the tokenizer's ids plus BERT's mask token, padded for aligned LM-head GEMMs
+        vocab_size = math.ceil((len(tokenizer) + 1) / args.vocab_multiple) * args.vocab_multiple
+        batches = make_batches(row, vocab_size, tokenizer, 4, args.device)
+        for mode in args.modes:
+            for variant in args.variants:
+                elapsed = time.perf_counter() - start
+                head = {"row": row.name, "model": row.model, "batch": row.batch, "seq_len": row.seq,
+                        "variant": variant, "mode": mode}
+                if elapsed > args.budget_s:
+                    results.append({**head, "status": "skipped"})
+                    print(f"[{elapsed:5.0f}s] {row.name} {variant} {mode}: skipped (over --budget-s)")
+                    continue
+                print(f"[{elapsed:5.0f}s] {row.name} {variant} {mode} ...", flush=True)
+                try:
+                    result = run_config(args, row, variant, mode, vocab_size, batches)
+                    print(f"        {result['step_ms']:.1f} ms/step, warm-up {result['warmup_s']:.1f} s, "
+                          f"loss {result['loss_end']:.4f}", flush=True)
+                except Exception as error:  # a failed compile or OOM must not stop the other configs
+                    traceback.print_exc()
+                    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    result = {**head, "status": "error", "error": text[:400]}
+                    print(f"        failed: {result['error']}", flush=True)
+                results.append(result)
+                release(args.device)
+                write_outputs(args, results, start)  # after every config, so a killed run keeps its results
+    title, table, details = write_outputs(args, results, start)
+    if details:
+        print("\n" + details)
+    print(f"\n{title}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,26 @@ def run_script(name, *args, hf_home, **env):
     return proc
 
 
-def test_bench_e2e_dry_run_times_dense_and_pixelfly(tmp_path):
-    run_script("bench_e2e.py", "--dry-run", "--vocab-multiple", "64", "--json", str(tmp_path / "e2e.json"),
-               "--md", str(tmp_path / "e2e.md"), hf_home=tmp_path)
+def test_bench_e2e_dry_run_times_every_model_dense_and_pixelfly(tmp_path):
+    """GPT-2, BERT and ViT rows, both variants, on the same batches: timings, equal step counts, a loss for each,
+    the vocabulary padded for both, the breakdown and the chart."""
+    run_script("bench_e2e.py", "--dry-run", "--json", str(tmp_path / "e2e.json"), "--md", str(tmp_path / "e2e.md"),
+               "--plot", str(tmp_path / "e2e.png"), hf_home=tmp_path)
     rows = json.loads((tmp_path / "e2e.json").read_text())["results"]
-    assert [(r["variant"], r["status"]) for r in rows] == [("dense", "ok"), ("pixelfly", "ok")]
-    assert [r["vocab_size"] for r in rows] == [50304, 50304]  # GPT-2's 50257 padded for both variants
-    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
-    assert 0 < rows[1]["pixelfly"]["density"] < 0.5 and rows[1]["params"] < rows[0]["params"]
-    assert "| gpt2-tiny | pixelfly" in (tmp_path / "e2e.md").read_text()
+    assert [(r["row"], r["variant"], r["status"]) for r in rows] == [
+        (row, variant, "ok") for row in ("gpt2-tiny:2x128", "bert-tiny:2x64", "vit-tiny:2x32")
+        for variant in ("dense", "pixelfly")]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["steps_trained"] == rows[0]["steps_trained"]
+               for r in rows)
+    assert all(0 < r["loss_end"] < 20 for r in rows)
+    assert {r["vocab_size"] for r in rows} == {50304}  # 50257 tokens + BERT's mask token, padded to 64 for both
+    for dense, pixelfly in zip(rows[::2], rows[1::2]):
+        assert 0 < pixelfly["pixelfly"]["density"] < 0.5 and pixelfly["params"] < dense["params"]
+        assert pixelfly["breakdown"]["category_ms_per_step"]["sparse matmul"] > 0
+        assert dense["breakdown"]["category_ms_per_step"]["sparse matmul"] == 0
+    table = (tmp_path / "e2e.md").read_text()
+    assert "| vit-tiny:2x32 | pixelfly (" in table and "Top kernels" in table
+    assert (tmp_path / "e2e.png").stat().st_size > 10_000
 
 
 def test_bench_linear_dry_run_times_every_implementation(tmp_path):
