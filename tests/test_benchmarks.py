@@ -1,6 +1,8 @@
 """The GPU benchmark scripts' CPU dry runs, as a user types them: a script that no longer runs against the current
 package (a renamed argument, a changed signature) fails here instead of in a paid GPU session."""
+import ast
 import json
+import re
 import subprocess
 import sys
 
@@ -204,3 +206,33 @@ def test_check_gpu_kernel_grid_runs_and_passes_in_the_interpreter(monkeypatch):
     rows = check_gpu.check_kernels(dtype=torch.float32, device="cpu", grid=check_gpu.GRID[:3])
     assert [set(r) - {"shape"} for r in rows] == [{"fwd", "dX", "dW"}] * 3
     assert all(err < 1e-5 for r in rows for name, err in r.items() if name != "shape"), rows
+
+
+def expand_braces(name):
+    """'a_{x,y}.json' -> ['a_x.json', 'a_y.json'], as BENCHMARKS.md abbreviates sibling result files."""
+    match = re.search(r"\{([^{}]*)\}", name)
+    if not match:
+        return [name]
+    return [n for part in match.group(1).split(",")
+            for n in expand_braces(name[:match.start()] + part + name[match.end():])]
+
+
+def test_benchmarks_md_names_existing_results_and_every_kept_one():
+    """benchmarks/results holds only the files behind BENCHMARKS.md's numbers (the rest belong in research/results),
+    and every result file or script the user docs name exists."""
+    docs = (ROOT / "BENCHMARKS.md").read_text() + (ROOT / "README.md").read_text()
+    named = {n for raw in re.findall(r"benchmarks/results/([\w.{},-]+)", docs) for n in expand_braces(raw)}
+    kept = {p.name for p in (BENCHMARKS / "results").iterdir()}
+    assert named - kept == set(), "named in BENCHMARKS.md or README.md but missing"
+    assert kept - named == set(), "in benchmarks/results but behind no number in BENCHMARKS.md: move to research/results"
+    scripts = set(re.findall(r"python ((?:benchmarks|research)/\w+\.py)", docs))
+    assert scripts and {s for s in scripts if not (ROOT / s).is_file()} == set()
+
+
+def test_every_research_script_says_which_question_it_answered():
+    scripts = sorted(RESEARCH.glob("*.py"))
+    assert scripts
+    for script in scripts:
+        doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        question = doc.split("?")[0]
+        assert doc.startswith("Question: ") and "\n\n" not in question, f"{script.name}: docstring must open with the question"
