@@ -141,7 +141,11 @@ def test_bench_linear_lowrank_breakdown_dry_run(tmp_path):
 
 
 def test_bench_attention_dry_run_matches_masked_sdpa(tmp_path):
-    run_script("bench_attention.py", "--dry-run", "--json", str(tmp_path / "attn.json"), hf_home=tmp_path)
+    run_script("bench_attention.py", "--dry-run", "--json", str(tmp_path / "attn.json"), "--plot", str(tmp_path / "attn.png"),
+               hf_home=tmp_path)
+    run_script("bench_attention.py", "--replot", str(tmp_path / "attn.json"), "--plot", str(tmp_path / "again.png"),
+               hf_home=tmp_path)
+    assert (tmp_path / "attn.png").stat().st_size > 10_000 and (tmp_path / "again.png").stat().st_size > 10_000
     rows = json.loads((tmp_path / "attn.json").read_text())["rows"]
     assert {(r["causal"], r["seq_len"]) for r in rows} == {(c, s) for c in (True, False) for s in (64, 128)}
     assert all(r["sdpa_ms"] > 0 and r["pixelfly_ms"] > 0 for r in rows)
