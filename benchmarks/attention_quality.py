@@ -7,11 +7,8 @@
 A small pre-LN causal transformer LM (same init, data order and steps for every variant) with:
   dense               SDPA, full causal attention (the bar)
   pixelfly            butterfly blocks + neighbours + global tokens, one softmax (the shipped variant)
-  pixelfly_performer  butterfly blocks + neighbours exact, Performer random features on all other
-                      keys, joint normalisation (Scatterbrain-style; PyTorch reference, O(S^2) memory)
   sparse_only         butterfly blocks + neighbours
   global_only         global tokens (+ the token itself) only: the low-rank term alone
-  performer_only      Performer (FAVOR+) causal attention alone
 Data: byte-level text from --text, else a synthetic stream mixing a peaked first-order Markov chain
 (local structure) with copies of earlier spans from anywhere in the sequence (long-range recall).
 """
@@ -27,9 +24,8 @@ import torch.nn.functional as F
 import transformers
 
 from pixelfly_hf.attention import AttentionSettings, pixelfly_attention_forward
-from pixelfly_kernels.attention_reference import random_feature_projection, sparse_performer_attention
 
-VARIANTS = ("dense", "pixelfly", "pixelfly_performer", "sparse_only", "global_only", "performer_only")
+VARIANTS = ("dense", "pixelfly", "sparse_only", "global_only")
 
 
 class _AttnOwner(torch.nn.Module):
@@ -41,16 +37,14 @@ class _AttnOwner(torch.nn.Module):
         self.config = transformers.PretrainedConfig(pixelfly_attention=settings.to_dict())
 
 
-def make_attention(variant: str, settings: AttentionSettings, head_dim: int, device):
+def make_attention(variant: str, settings: AttentionSettings):
     forced = dict(settings.to_dict(), min_seq_len_for_sparse=0, max_density_for_sparse=1.0)
     if variant == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if variant in ("pixelfly", "sparse_only", "pixelfly_performer"):
+    if variant in ("pixelfly", "sparse_only"):
         options = dict(forced)
         if variant == "sparse_only":
             options["low_rank"] = 0
-        if variant == "pixelfly_performer":
-            options["low_rank_kind"] = "performer"
         owner = _AttnOwner(AttentionSettings(**options))
         return lambda q, k, v: pixelfly_attention_forward(owner, q, k, v, None)[0].transpose(1, 2)
     if variant == "global_only":
@@ -61,15 +55,6 @@ def make_attention(variant: str, settings: AttentionSettings, head_dim: int, dev
             return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
         return global_only
-    if variant == "performer_only":
-        proj = random_feature_projection(settings.low_rank, head_dim, settings.seed, device)
-
-        def performer_only(q, k, v):
-            s = q.shape[2]
-            keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            return sparse_performer_attention(q, k, v, keep, torch.zeros_like(keep), proj, head_dim**-0.5)
-
-        return performer_only
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
@@ -146,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--n-factors", type=int, default=3)
     parser.add_argument("--butterfly-size", type=int, default=None)
-    parser.add_argument("--low-rank", type=int, default=64, help="global tokens / random features")
+    parser.add_argument("--low-rank", type=int, default=64, help="global tokens")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for small studies (reference path)")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -159,7 +144,6 @@ def main(argv=None):
         device = torch.device(args.device)
     settings = AttentionSettings(block_size=args.block_size, n_factors=args.n_factors,
                                  butterfly_size=args.butterfly_size, low_rank=args.low_rank)
-    head_dim = args.d_model // args.heads
 
     if args.text:
         with open(args.text, "rb") as f:
@@ -183,7 +167,7 @@ def main(argv=None):
     for variant in args.variants:
         torch.manual_seed(0)
         model = TinyLM(256, args.seq_len, args.d_model, args.layers, args.heads,
-                       make_attention(variant, settings, head_dim, device)).to(device)
+                       make_attention(variant, settings)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / args.steps)))
         t0 = time.time()

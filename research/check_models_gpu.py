@@ -1,6 +1,7 @@
-"""GPU check of a patched model: GPT-2-small-shaped Pixelfly model, Triton backend vs the PyTorch reference.
+"""Question: does a whole patched GPT-2 small give the same logits and gradients on the Triton kernels as on the
+PyTorch reference path? Answer on an H200: yes (VERDICT: PASS, docs/dev/benchmarks-log.md).
 
-    python benchmarks/check_models_gpu.py            # one CUDA GPU, bf16, about a minute, no network
+    python research/check_models_gpu.py            # one CUDA GPU, bf16, about a minute, no network
 
 Builds a random-init GPT-2 small (12 layers, 768 wide, 50257 vocab, dropout off), patches attention and MLP
 matrices with get_model (density 0.25, block_size 32, low_rank 32, init="project" on the GPU so that the
@@ -13,7 +14,7 @@ reference path's own error against fp32 (Triton is as accurate as PyTorch in the
 Prints a table of the worst tensors and a final line "VERDICT: PASS" or "VERDICT: FAIL"; exit status 0 / 1.
 
 CPU smoke run of the script itself (Triton interpreter; bf16 arithmetic is wrong there, so fp32):
-    TRITON_INTERPRET=1 python benchmarks/check_models_gpu.py --device cpu --dtype float32 --n-layer 2 \
+    TRITON_INTERPRET=1 python research/check_models_gpu.py --device cpu --dtype float32 --n-layer 2 \
         --n-embd 128 --n-head 4 --vocab 1000 --seq 64 --batch 2 --block-size 16
 """
 import argparse

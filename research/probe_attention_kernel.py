@@ -1,13 +1,16 @@
-"""Our Triton attention kernels (kernels/block_sparse_attention.py) against SDPA and FlexAttention at S = 4096.
+"""Question: in which order should our attention kernels launch their programs? (Heavy blocks first: 10-14% off
+forward+backward at S = 4096, docs/dev/benchmarks-log.md.) Last run at commit 3225a1d: it sets the kernels' module
+global HEAVY_FACTOR, a research knob that leaves the library, so it need not run against later commits.
 
-    python benchmarks/probe_attention_kernel.py [--json PATH]             # GPU, ~2 min
+Our Triton attention kernels (kernels/block_sparse_attention.py) against SDPA and FlexAttention at S = 4096.
+
+    python research/probe_attention_kernel.py [--json PATH]             # GPU, ~2 min
 
 FlexAttention visits this pattern at 0.43-0.51 of cuDNN's rate per tile; 2.5x over SDPA at 23% block density needs
 0.58. This script times the kernels (through the custom op that the registered attention function calls) next to
 SDPA and Flex at S = 4096, batch 4, 16 heads, bf16, under do_bench and replayed from a CUDA graph, and prints the
-per-tile rate against SDPA. Session 6 wrote the kernels here as a probe (0.52 causal / 0.63 bidirectional at d = 64);
-session 11 moved them into kernels/ with heavy blocks launched first; three launch orders are compared. Outputs and gradients are checked against
-fp32 SDPA with the pattern as a mask.
+per-tile rate against SDPA for three launch orders. Outputs and gradients are checked against fp32 SDPA with the
+pattern as a mask.
 """
 import argparse
 import json
@@ -18,7 +21,7 @@ import triton
 
 from pixelfly_kernels import block_sparse_attention as kernels
 from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, flex_pixelfly_attention
-from tune_attention import errors_vs_masked_sdpa  # benchmarks/tune_attention.py
+from tune_attention import errors_vs_masked_sdpa  # research/tune_attention.py
 
 
 def ordered(heavy_factor, spec, causal, scale):
@@ -58,7 +61,7 @@ def main(argv=None):
 
     S, B, H, spec, rows = 4096, 4, 16, PatternSpec(128, None, 3, 128), []
     # launch orders (kernels.HEAVY_FACTOR): the default (heavy blocks first, then head by head), every program
-    # heaviest block first, and head by head in block order (session 6's probe)
+    # heaviest block first, and head by head in block order
     orders = {"own": 2.0, "own_all_heaviest_first": 0.0, "own_by_head": float("inf")}
     ours = ("flex_g128", *orders)
     for causal in (True, False):

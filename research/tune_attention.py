@@ -1,6 +1,10 @@
-"""Where does FlexAttention lose time on the Pixelfly pattern? Variants side by side with SDPA (H200, bf16).
+"""Question: where does FlexAttention lose time on the Pixelfly pattern? (Partial blocks: 128 global tokens, one
+whole block, are 1.1-1.3x faster than 64; no Flex option reached 2.5x SDPA causal at S = 4096.) Last run at commit
+e6521dc: its g128_tilemask variant needs get_block_mask's partial_tile_mask, a research knob that leaves the library.
 
-    python benchmarks/tune_attention.py --json $OUT/tune_attn.json      # GPU, ~4 min
+Variants side by side with SDPA (H200, bf16).
+
+    python research/tune_attention.py --json $OUT/tune_attn.json      # GPU, ~4 min
 
 For each (causal, head_dim) at one sequence length it times forward alone and forward+backward of:
   sdpa          torch SDPA (cuDNN/flash), the bar
@@ -8,7 +12,7 @@ For each (causal, head_dim) at one sequence length it times forward alone and fo
   g128          global tokens = one whole block (every first-column tile becomes a full block)
   g0            no global tokens (sparse part only)
   g128_flash    g128 on FlexAttention's CuTe "FLASH" backend (FlashAttention-4's sm90 kernels; needs the
-                flash-attn-4 and nvidia-cutlass-dsl wheels, see benchmarks/NOTES.md; an error is recorded otherwise)
+                flash-attn-4 and nvidia-cutlass-dsl wheels, see docs/dev/optimisation-notes.md; an error is recorded otherwise)
   g128_tma      g128 with FlexAttention's TMA loads (kernel_options USE_TMA)
   g128_autotune g128 compiled with mode="max-autotune-no-cudagraphs" (autotunes Flex's tile configs)
   g128_tilemask g128 with the partial tiles' mask_mod reduced to causality + tail (get_block_mask's
@@ -24,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, dense_pattern, flex_pixelfly_attention
-from timing import median_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
+from timing import median_ms  # noqa: E402
 
 VARIANTS = {
     "g64": dict(n_global=64),

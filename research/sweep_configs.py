@@ -1,22 +1,23 @@
-"""Every autotuner config of one butterfly product, timed explicitly: is a slow product slow under every config,
-or did the autotuner pick badly, or does the same config time differently from run to run?
+"""Question: is a slow butterfly product slow under every config, or did the autotuner pick badly, or does the
+same config time differently from run to run? Every autotuner config of one product, timed explicitly.
 
-    python benchmarks/sweep_configs.py --shape 1024x4096 --layout 16x2 --product fwd --repeat 2 --json out.json
-    TRITON_INTERPRET=1 python benchmarks/sweep_configs.py --dry-run      # CPU: checks the script, not speed
+    python research/sweep_configs.py --shape 1024x4096 --layout 16x2 --product fwd --repeat 2 --json out.json
+    TRITON_INTERPRET=1 python research/sweep_configs.py --dry-run      # CPU: checks the script, not speed
 
 For each config that the autotuner's own pruning keeps for this product, the median ms over rotated inputs, measured
 `--repeat` times in one process (rounds interleaved, so a drift in clocks shows as spread, not as a config's
-speed), then the autotuner's pick through the normal launch path. Written for session 4's puzzle: 1024->4096 at
-butterfly size 16 ran its forward at 0.138 ms, twice cuBLAS's time on the same products, and the same pick timed
-0.217 and 0.086 ms in two runs for n_factors=3.
+speed), then the autotuner's pick through the normal launch path.
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
 
-from timing import median_ms  # benchmarks/timing.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
+from timing import median_ms  # noqa: E402
 from pixelfly_kernels import butterfly_matmul as kernels
 
 PRODUCTS = ("fwd", "dx", "dw")
