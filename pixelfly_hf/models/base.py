@@ -117,7 +117,8 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
         setattr(root.get_submodule(parent_name) if parent_name else root, child, layer)
 
 
-def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None) -> str:
+def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None, sections: str = "") -> str:
+    """The model card of a Pixelfly model; `sections` (markdown, e.g. a training recipe's results) goes last."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plan = model.config.pixelfly
@@ -158,7 +159,7 @@ def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None
             f"```json\n{json.dumps(plan['config'], indent=2, sort_keys=True)}\n```\n\n"
             "## Replaced matrices\n\n"
             "| module | shape (in->out) | layout | rank | density |\n|---|---|---|---|---|\n"
-            f"{rows}\n"
+            f"{rows}\n" + (f"\n{sections}" if sections else "")
         )
     )
 
