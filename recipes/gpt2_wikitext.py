@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
@@ -39,7 +40,7 @@ OFFLINE = "leave out --dataset_name to train on the shipped Shakespeare, or give
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(__doc__)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", help="a Hub dataset, e.g. Salesforce/wikitext (default: the shipped Shakespeare "
                                           "in recipes/data/shakespeare)")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
     if args.validation_file and not args.train_file:
-        raise common.RecipeError("--validation_file needs --train_file too")
+        raise inputs.RecipeError("--validation_file needs --train_file too")
     if not args.train_file and not args.dataset_name:
         args.train_file, args.validation_file = str(SHIPPED_TEXT / "train.txt"), str(SHIPPED_TEXT / "validation.txt")
         if args.max_train_steps is None and args.num_train_epochs is None:
@@ -72,12 +73,12 @@ def parse_args(argv=None):
         args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
     common.check_args(args)
     if args.model_name_or_path:
-        common.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
     if args.tokenizer_name:
-        common.check_model_folder(args.tokenizer_name, "--tokenizer_name", weights=False)
+        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", weights=False)
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
-            common.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
+            inputs.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
     return args
 
 
@@ -90,13 +91,13 @@ def load_text(args):
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
         raw = load_dataset(builder, data_files=files, **kwargs)
     else:
-        with common.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
             raw = load_dataset(args.dataset_name, args.dataset_config_name)
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw["train"], raw["validation"] = split["train"], split["test"]
     for name in ("train", "validation"):
-        common.check_column(raw[name], args.text_column_name, "--text_column_name")
+        inputs.check_column(raw[name], args.text_column_name, "--text_column_name")
     return raw
 
 
@@ -130,14 +131,14 @@ def main(argv=None):
 
     # Model config first: it is cheap and lets bad flags fail before any data is read.
     tokenizer_name = args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER
-    with common.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
+    with inputs.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
                            "give a local folder"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     if args.model_name_or_path:
-        with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
             config = AutoConfig.from_pretrained(args.model_name_or_path)
         if config.model_type != "gpt2":
-            raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
+            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
                                      "model; this recipe sparsifies GPT-2 checkpoints (model_type 'gpt2')")
     else:
         preset = MODEL_SIZES[args.model_size]
@@ -147,7 +148,7 @@ def main(argv=None):
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     seq_len = args.seq_len or min(MODEL_SIZES[args.model_size]["seq_len"], config.n_positions)
     if not 2 <= seq_len <= config.n_positions:
-        raise common.RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
+        raise inputs.RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
                                  f"positions (n_positions). Use --seq_len between 2 and {config.n_positions}.")
 
     # Data: tokenize, concatenate, cut into seq_len blocks (labels = inputs; the model shifts them).
@@ -156,7 +157,7 @@ def main(argv=None):
     train_set, eval_set = lm["train"], lm["validation"]
     train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     if len(eval_set) == 0:
-        raise common.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
+        raise inputs.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
                                  "give more validation text or a smaller --seq_len")
     train_dataloader = common.make_train_dataloader(train_set, args, default_data_collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=default_data_collator,
@@ -164,7 +165,7 @@ def main(argv=None):
 
     # Model, then Pixelfly (before prepare, so DDP/FSDP wrap the sparse parameters).
     if args.model_name_or_path:
-        with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))

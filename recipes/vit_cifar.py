@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # name: (hidden, layers, heads, Pixelfly minimum tile, default lr)
 MODEL_SIZES = {
@@ -37,7 +38,7 @@ OFFLINE = "leave out --dataset_name to train on the shipped digits, or give --tr
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(__doc__)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", help="a Hub image dataset, e.g. uoft-cs/cifar10 (default: the shipped digits "
                                           "in recipes/data/digits)")
@@ -60,17 +61,17 @@ def parse_args(argv=None):
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
     if args.validation_dir and not args.train_dir:
-        raise common.RecipeError("--validation_dir needs --train_dir too")
+        raise inputs.RecipeError("--validation_dir needs --train_dir too")
     if not args.model_name_or_path and args.image_size % args.patch_size:
-        raise common.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
+        raise inputs.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
                                  f"{args.patch_size}; pick sizes that tile the image")
     common.check_args(args)
     if args.model_name_or_path:
-        common.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
     for flag in ("train_dir", "validation_dir"):
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
-            raise common.RecipeError(f"--{flag} {folder}: no such folder; give a folder of <class name>/<image> files")
+            raise inputs.RecipeError(f"--{flag} {folder}: no such folder; give a folder of <class name>/<image> files")
     return args
 
 
@@ -92,7 +93,7 @@ def load_images(args):
             files["validation"] = str(Path(args.validation_dir) / "**")
         raw = load_dataset("imagefolder", data_files=files)
     elif args.dataset_name:
-        with common.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
             raw = load_dataset(args.dataset_name)
     else:
         raw = shipped_digits()
@@ -106,8 +107,8 @@ def load_images(args):
             raw["train"], raw["validation"] = split["train"], split["test"]
     image_column = args.image_column_name or ("img" if "img" in raw["train"].column_names else "image")
     for split in ("train", "validation"):
-        common.check_column(raw[split], image_column, "--image_column_name")
-        common.check_column(raw[split], args.label_column_name, "--label_column_name")
+        inputs.check_column(raw[split], image_column, "--image_column_name")
+        inputs.check_column(raw[split], args.label_column_name, "--label_column_name")
     return raw, image_column
 
 
@@ -152,12 +153,12 @@ def main(argv=None):
         raw, image_column = load_images(args)
     labels = raw["train"].features[args.label_column_name].names
     if args.model_name_or_path:
-        with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
             config = AutoConfig.from_pretrained(args.model_name_or_path)
         if config.model_type != "vit":
-            raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
+            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
                                      "model; this recipe sparsifies ViT checkpoints (model_type 'vit')")
-        with common.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, backend="pil")
             model = AutoModelForImageClassification.from_pretrained(
                 args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),

@@ -108,9 +108,10 @@ def test_bert_bad_flags_fail_before_training(tmp_path, sentiment_csv, tiny_bert,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
     import bert_glue
     import common
+    import inputs
 
     monkeypatch.setattr(common, "fit", lambda *a, **k: pytest.fail("training started despite a bad flag"))
-    with pytest.raises(common.RecipeError, match=message):
+    with pytest.raises(inputs.RecipeError, match=message):
         bert_glue.main([*bert_flags(sentiment_csv, tiny_bert, tmp_path / "out"), *flags])
 
 

@@ -13,8 +13,8 @@ from helpers_recipes import ACCELERATE, RECIPES, ROOT, free_port, read_log, read
 from test_recipes_bert_vit import minilm_dir
 
 sys.path.insert(0, str(RECIPES))
-import common  # noqa: E402
 import gpt2_wikitext  # noqa: E402
+import inputs  # noqa: E402
 
 QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
 
@@ -80,7 +80,7 @@ def broken_models(tmp_path_factory):
 def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_models, flags, message):
     out = tmp_path / "out"
     flags = [f.format(models=broken_models, root=ROOT) for f in flags]
-    with pytest.raises(common.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
+    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
         gpt2_wikitext.main([*flags, "--output_dir", str(out)])
     assert not out.exists()
 
