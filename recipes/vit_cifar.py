@@ -1,6 +1,7 @@
-"""Train a Pixelfly ViT on CIFAR-10 (or a local image folder) with accelerate.
+"""Train a Pixelfly ViT on the shipped digits, CIFAR-10 or a local image folder, with accelerate.
 
-    accelerate launch recipes/vit_cifar.py --model_size small                    # CIFAR-10, from scratch
+    python recipes/vit_cifar.py          # offline default: shipped 8x8 digits, tiny ViT on CPU (small on GPU)
+    accelerate launch recipes/vit_cifar.py --dataset_name uoft-cs/cifar10        # CIFAR-10, from scratch
     accelerate launch recipes/vit_cifar.py --model_name_or_path google/vit-base-patch16-224-in21k
     accelerate launch recipes/vit_cifar.py --model_size tiny --train_dir my_images/train \\
         --validation_dir my_images/val                                           # imagefolder layout
@@ -8,21 +9,22 @@
 Augmentation: random crop (padding 1/8 of the side, reflected) + horizontal flip; images are
 normalised with the model's mean/std. Reports accuracy. See recipes/README.md.
 """
-import argparse
+import gzip
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from datasets import load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
-    ViTImageProcessor
+    ViTImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import inputs  # noqa: E402
 
 # name: (hidden, layers, heads, Pixelfly minimum tile, default lr)
 MODEL_SIZES = {
@@ -31,12 +33,15 @@ MODEL_SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, block_size=32, lr=5e-4),
 }
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+SHIPPED_DIGITS = common.DATA_DIR / "digits" / "digits.csv.gz"  # UCI handwritten digits, 1,797 8x8 images
+OFFLINE = "leave out --dataset_name to train on the shipped digits, or give --train_dir"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = inputs.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_name", default="uoft-cs/cifar10", help="a Hub image dataset (ignored with --train_dir)")
+    g.add_argument("--dataset_name", help="a Hub image dataset, e.g. uoft-cs/cifar10 (default: the shipped digits "
+                                          "in recipes/data/digits)")
     g.add_argument("--train_dir", help="a local image folder: <dir>/<class name>/<image files>")
     g.add_argument("--validation_dir", help="the same layout for evaluation; without it, --train_val_split")
     g.add_argument("--train_val_split", type=float, default=0.1,
@@ -44,7 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--image_column_name", default=None, help="default: 'img' if the dataset has it, else 'image'")
     g.add_argument("--label_column_name", default="label")
     g = parser.add_argument_group("model")
-    g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="small", help="ViT preset from scratch")
+    g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default=None,
+                   help="ViT preset from scratch (default: small on a GPU, tiny on CPU)")
     g.add_argument("--model_name_or_path", help="a pretrained ViT (Hub id or folder) to sparsify and fine-tune")
     g.add_argument("--image_size", type=int, default=32, help="input side for from-scratch presets")
     g.add_argument("--patch_size", type=int, default=4, help="patch side for from-scratch presets")
@@ -52,14 +58,31 @@ def parse_args(argv=None):
     common.add_pixelfly_args(parser, block_size=None)
     common.add_training_args(parser, output_dir=None, batch_size=128, epochs=10)
     args = parser.parse_args(argv)
+    args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
     if args.validation_dir and not args.train_dir:
-        raise common.RecipeError("--validation_dir needs --train_dir too")
+        raise inputs.RecipeError("--validation_dir needs --train_dir too")
     if not args.model_name_or_path and args.image_size % args.patch_size:
-        raise common.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
+        raise inputs.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
                                  f"{args.patch_size}; pick sizes that tile the image")
     common.check_args(args)
+    if args.model_name_or_path:
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+    for flag in ("train_dir", "validation_dir"):
+        folder = getattr(args, flag)
+        if folder and not Path(folder).is_dir():
+            raise inputs.RecipeError(f"--{flag} {folder}: no such folder; give a folder of <class name>/<image> files")
     return args
+
+
+def shipped_digits():
+    """The shipped digits as one 'train' split of 8x8 grey PIL images (pixel values 0-16, scaled to 0-255)."""
+    with gzip.open(SHIPPED_DIGITS, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    images = [Image.fromarray(pixels.reshape(8, 8) * 15) for pixels in rows[:, :64]]
+    features = {"label": ClassLabel(names=[str(d) for d in range(10)])}
+    train = Dataset.from_dict({"image": images, "label": rows[:, 64].tolist()})
+    return DatasetDict(train=train.cast_column("label", features["label"]))
 
 
 def load_images(args):
@@ -68,12 +91,12 @@ def load_images(args):
         files = {"train": str(Path(args.train_dir) / "**")}
         if args.validation_dir:
             files["validation"] = str(Path(args.validation_dir) / "**")
-        for d in (args.train_dir, args.validation_dir):
-            if d and not Path(d).is_dir():
-                raise common.RecipeError(f"image folder {d} does not exist")
         raw = load_dataset("imagefolder", data_files=files)
+    elif args.dataset_name:
+        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+            raw = load_dataset(args.dataset_name)
     else:
-        raw = load_dataset(args.dataset_name)
+        raw = shipped_digits()
     if "validation" not in raw:
         if "test" in raw:
             raw["validation"] = raw.pop("test")
@@ -84,8 +107,8 @@ def load_images(args):
             raw["train"], raw["validation"] = split["train"], split["test"]
     image_column = args.image_column_name or ("img" if "img" in raw["train"].column_names else "image")
     for split in ("train", "validation"):
-        common.check_column(raw[split], image_column, "--image_column_name")
-        common.check_column(raw[split], args.label_column_name, "--label_column_name")
+        inputs.check_column(raw[split], image_column, "--image_column_name")
+        inputs.check_column(raw[split], args.label_column_name, "--label_column_name")
     return raw, image_column
 
 
@@ -117,6 +140,12 @@ def make_transforms(size, mean, std):
 
 def main(argv=None):
     args = parse_args(argv)
+    shipped = not args.train_dir and not args.dataset_name
+    common.announce(f"vit_cifar.py: training {args.model_name_or_path or f'a {args.model_size} ViT from scratch'}"
+                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+                    f"{'the shipped digits' if shipped else args.dataset_name or args.train_dir} "
+                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+                    + ("; the offline default: --dataset_name uoft-cs/cifar10 for CIFAR-10" if shipped else ""))
     accelerator = common.make_accelerator(args)
     set_seed(args.seed)
 
@@ -124,21 +153,23 @@ def main(argv=None):
         raw, image_column = load_images(args)
     labels = raw["train"].features[args.label_column_name].names
     if args.model_name_or_path:
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
+            config = AutoConfig.from_pretrained(args.model_name_or_path)
         if config.model_type != "vit":
-            raise common.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
+            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
                                      "model; this recipe sparsifies ViT checkpoints (model_type 'vit')")
-        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-        model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
+            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, backend="pil")
+            model = AutoModelForImageClassification.from_pretrained(
+                args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
     else:
         preset = {k: v for k, v in MODEL_SIZES[args.model_size].items() if k not in ("block_size", "lr")}
         config = ViTConfig(**preset, intermediate_size=4 * preset["hidden_size"], image_size=args.image_size,
                            patch_size=args.patch_size, hidden_dropout_prob=args.dropout,
                            attention_probs_dropout_prob=args.dropout, num_labels=len(labels),
                            id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-        processor = ViTImageProcessor(size={"height": args.image_size, "width": args.image_size},
+        processor = ViTImageProcessorPil(size={"height": args.image_size, "width": args.image_size},
                                       image_mean=CIFAR_MEAN, image_std=CIFAR_STD)
         model = AutoModelForImageClassification.from_config(config)
     model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
@@ -180,20 +211,15 @@ def main(argv=None):
             metric.add_batch(predictions=predictions.tolist(), references=references.tolist())
         return metric.compute()
 
-    result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, evaluate_accuracy,
-                        count_fn=lambda batch: batch["pixel_values"].shape[0], unit="images")
+    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                               evaluate_accuracy, count_fn=lambda batch: batch["pixel_values"].shape[0],
+                               unit="images")
 
-    common.save_model(accelerator, model, args, processor)
-    if accelerator.is_main_process:
-        results = common.write_results(args, result, sparsity, {"image_size": model.config.image_size})
-        base = f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})"
-        common.write_model_card(args, recipe="vit_cifar.py", title=Path(args.output_dir).name, base=base,
-                                dataset=args.train_dir or args.dataset_name,
-                                model_class="AutoModelForImageClassification", results=results,
-                                sparsity=sparsity, tags=["vit", "image-classification"])
-        common.print_before_after(result, "accuracy")
-        common.print_load_hint(args, "AutoModelForImageClassification", "AutoImageProcessor")
-    common.push_to_hub(accelerator, args, "End of training")
+    common.finish(accelerator, args, model, result, sparsity, processor=processor, recipe="vit_cifar.py",
+                  base=f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
+                  dataset=args.train_dir or args.dataset_name or "the shipped digits",
+                  model_class="AutoModelForImageClassification", metric="accuracy",
+                  tags=["vit", "image-classification"], extra={"image_size": model.config.image_size})
     return result
 
 

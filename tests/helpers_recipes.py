@@ -20,10 +20,11 @@ def recipe_env(hf_home, threads=None):
     return env
 
 
-def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True, extra_env=None):
-    """Run recipes/<recipe> with `python` (one process) or `accelerate launch` on CPU (two real processes)."""
+def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True, extra_env=None, launcher=None):
+    """Run recipes/<recipe> with `python` (one process), `launcher` (a command line such as `accelerate launch
+    --cpu`) or `accelerate launch` on CPU (two real processes)."""
     if processes == 1:
-        cmd = [sys.executable, str(RECIPES / recipe), *args]
+        cmd = [*(launcher or [sys.executable]), str(RECIPES / recipe), *args]
         env = recipe_env(hf_home)
     else:
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",

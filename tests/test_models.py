@@ -1,6 +1,9 @@
 """get_model on tiny random GPT-2 / BERT / ViT models: replacement, plans, save/load, summary, ecosystem."""
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -104,7 +107,7 @@ def test_patch_save_and_load_back_through_the_auto_class(case, tmp_path):
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["model_type"] == model.config.model_type
-    assert saved["auto_map"][auto_class.__name__].endswith("." + type(model).__name__)
+    assert "auto_map" not in saved and not any(name.endswith(".py") for name in files)  # no remote code
     assert len(saved["pixelfly"]["modules"]) == 2 * per_layer
     assert any(key.endswith(".lowrank_u") for key in load_file(tmp_path / "model.safetensors"))
 
@@ -122,6 +125,36 @@ def test_patch_save_and_load_back_through_the_auto_class(case, tmp_path):
     with torch.no_grad():
         assert torch.equal(first_output(again(**inputs)), expected)
     again.init_weights()  # transformers' own init pass must cope with PixelflyLinear modules
+
+
+LOAD_IN_A_FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    except ValueError as err:
+        print("WITHOUT IMPORT:", str(err).splitlines()[0])
+    import pixelfly_hf
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=False)
+    print("WITH IMPORT:", type(model).__name__)
+    """
+)
+
+
+def test_a_saved_model_loads_after_import_pixelfly_hf_and_is_refused_without_it(tmp_path):
+    """What the README's "Use" section says: no remote code either way; without the import the model type is unknown."""
+    get_model(GPT2LMHeadModel(gpt2_config()), PixelflyConfig(**SMALL)).save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path)], capture_output=True,
+                            text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines() == [
+        "WITHOUT IMPORT: The checkpoint you are trying to load has model type `pixelfly_gpt2` but Transformers does "
+        "not recognize this architecture. This could be because of an issue with the checkpoint, or because your "
+        "version of Transformers is out of date.",
+        "WITH IMPORT: PixelflyGPT2LMHeadModel",
+    ]
 
 
 def test_gpt2_conv1d_projection_is_exact_at_full_density_and_improves_with_density():

@@ -15,8 +15,10 @@ import torch
 from helpers_recipes import RECIPES, ROOT, read_log, read_results, recipe_env, run_recipe
 
 sys.path.insert(0, str(RECIPES))
+import checkpoints  # noqa: E402
 import common  # noqa: E402
 import gpt2_wikitext  # noqa: E402
+import inputs  # noqa: E402
 
 SHAKESPEARE = RECIPES / "data" / "shakespeare"
 TINY = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4",
@@ -94,7 +96,7 @@ def test_gpt2_stops_at_the_time_limit(tmp_path, hf_home, text_files):
     results = read_results(out)
     assert results["stopped_by"] == "time"
     # the last checkpoint records the position inside its epoch, so resuming continues from there
-    state = max((common.read_checkpoint_state(p) for p in out.glob("epoch_*")), key=lambda s: s["completed_steps"])
+    state = max((checkpoints.read_checkpoint_state(p) for p in out.glob("epoch_*")), key=lambda s: s["completed_steps"])
     assert state["completed_steps"] == results["completed_steps"] and state["batches_in_epoch"] > 0
     assert state["train_seconds"] == pytest.approx(results["train_seconds"])
     assert results["completed_steps"] % 2 == 0 and 2 <= results["completed_steps"] < 100000
@@ -141,7 +143,7 @@ def test_gpt2_bad_flags_fail_before_training(tmp_path, text_files, flags, messag
         raise AssertionError("training started despite a bad flag")
 
     monkeypatch.setattr(common, "fit", no_training)
-    with pytest.raises(common.RecipeError, match=message.replace("(", r"\(")):
+    with pytest.raises(inputs.RecipeError, match=message.replace("(", r"\(")):
         gpt2_wikitext.main([*TINY, *text_files, *flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -149,7 +151,7 @@ def test_gpt2_bad_flags_fail_before_training(tmp_path, text_files, flags, messag
 def test_bad_flag_exits_with_a_clear_message(tmp_path, hf_home, text_files):
     proc = run_recipe("gpt2_wikitext.py", [*TINY, *text_files, "--density", "2", "--output_dir", str(tmp_path)],
                       hf_home, check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "error: --density 2.0 is out of range: give a fraction in (0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -171,21 +173,21 @@ class _FakeAccelerator:
 
 
 def test_checkpoints_are_atomic(tmp_path):
-    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4})
+    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4})
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(_FakeAccelerator(crash=True), tmp_path, "step_8", {"completed_steps": 8})
+        checkpoints.save_checkpoint(_FakeAccelerator(crash=True), tmp_path, "step_8", {"completed_steps": 8})
     assert not (tmp_path / "step_8").exists()
     assert (tmp_path / ".tmp-step_8").is_dir()  # the half-written one is only ever a temp folder
     args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
-    assert common.find_checkpoint(args) == tmp_path / "step_4"
+    assert checkpoints.find_checkpoint(args) == tmp_path / "step_4"
     # The next save of that step replaces the debris; re-saving an existing step replaces it whole.
-    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_8", {"completed_steps": 8})
-    common.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4, "again": True})
+    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_8", {"completed_steps": 8})
+    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4, "again": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_8"]
-    assert common.find_checkpoint(args) == tmp_path / "step_8"
-    assert common.read_checkpoint_state(tmp_path / "step_4")["again"] is True
-    with pytest.raises(common.RecipeError, match="not a complete checkpoint"):
-        common.find_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / ".tmp-step_8"),
+    assert checkpoints.find_checkpoint(args) == tmp_path / "step_8"
+    assert checkpoints.read_checkpoint_state(tmp_path / "step_4")["again"] is True
+    with pytest.raises(inputs.RecipeError, match="not a complete checkpoint"):
+        checkpoints.find_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / ".tmp-step_8"),
                                                output_dir=str(tmp_path)))
 
 

@@ -42,12 +42,14 @@ ARCHITECTURES: list[Architecture] = []
 
 
 def register_architecture(arch: Architecture) -> None:
-    """Make the architecture's Pixelfly classes loadable through the Auto classes and write auto_map on save."""
+    """Make the architecture's Pixelfly classes loadable through the Auto classes once pixelfly_hf is imported.
+
+    No register_for_auto_class: that would make save_pretrained copy this package's source into the checkpoint
+    and write an auto_map, i.e. ask every loader to run remote code. Loading needs `import pixelfly_hf` instead.
+    """
     AutoConfig.register(arch.config_class.model_type, arch.config_class, exist_ok=True)
-    arch.config_class.register_for_auto_class()
     for pixelfly_class, auto_class in arch.models.values():
         auto_class.register(arch.config_class, pixelfly_class, exist_ok=True)
-        pixelfly_class.register_for_auto_class(auto_class.__name__)
     ARCHITECTURES.append(arch)
 
 
@@ -58,6 +60,11 @@ def supported_classes() -> list[str]:
 def dense_class_of(pixelfly_class: type) -> type:
     """The transformers class a Pixelfly model class patches."""
     return next(cls for arch in ARCHITECTURES for cls, (ours, _) in arch.models.items() if ours is pixelfly_class)
+
+
+def auto_class_of(pixelfly_class: type) -> type:
+    """The Auto class (e.g. AutoModelForCausalLM) a Pixelfly model class is registered with."""
+    return next(auto for arch in ARCHITECTURES for ours, auto in arch.models.values() if ours is pixelfly_class)
 
 
 class PixelflyConfigMixin:
@@ -110,13 +117,14 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
         setattr(root.get_submodule(parent_name) if parent_name else root, child, layer)
 
 
-def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None) -> str:
+def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None, sections: str = "") -> str:
+    """The model card of a Pixelfly model; `sections` (markdown, e.g. a training recipe's results) goes last."""
     from huggingface_hub import ModelCard, ModelCardData
 
     plan = model.config.pixelfly
     base = plan.get("base_model") or None
     summary = model.sparsity_summary()
-    auto_class = type(model)._auto_class
+    auto_class = auto_class_of(type(model)).__name__
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base if base and not os.path.isabs(base) and not os.path.exists(base) else None,
@@ -143,12 +151,15 @@ def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None
             f"from transformers import {auto_class}\n\n"
             f'model = {auto_class}.from_pretrained("{repo_id or "<this repo id or folder>"}")\n'
             "```\n\n"
-            "Weights are safetensors; loading needs neither pickle nor `trust_remote_code`.\n\n"
+            "Weights are safetensors; loading needs neither pickle nor `trust_remote_code`, but it needs "
+            "`import pixelfly_hf` (without it transformers does not know the model type "
+            f"`{model.config.model_type}`). `model.merge_and_unload()` gives the stock transformers model with "
+            "dense weights, which loads without pixelfly_hf.\n\n"
             "## Pixelfly config\n\n"
             f"```json\n{json.dumps(plan['config'], indent=2, sort_keys=True)}\n```\n\n"
             "## Replaced matrices\n\n"
             "| module | shape (in->out) | layout | rank | density |\n|---|---|---|---|---|\n"
-            f"{rows}\n"
+            f"{rows}\n" + (f"\n{sections}" if sections else "")
         )
     )
 
@@ -208,8 +219,18 @@ class PixelflyModelMixin:
         print(format_sparsity_summary(summary))
         return summary
 
+    def merge_and_unload(self):
+        """This model as its stock transformers class, every Pixelfly matrix replaced by its dense S + U V, in place.
+
+        The result loads without pixelfly_hf; Pixelfly attention goes back to the model's default attention.
+        See pixelfly_hf.merge for the rules (a trained gate cannot be merged).
+        """
+        from ..merge import merge_and_unload
+
+        return merge_and_unload(self)
+
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """transformers' save_pretrained (safetensors + config.json with the plan and auto_map) plus a model card."""
+        """transformers' save_pretrained (safetensors + config.json with the plan) plus a model card."""
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             with open(os.path.join(save_directory, MODEL_CARD_NAME), "w", encoding="utf-8") as f:

