@@ -1,7 +1,8 @@
-"""Shared machinery of the Pixelfly model classes: the architecture registry, the config and model mixins.
+"""Shared machinery of the Pixelfly model classes: the architecture registry and the model mixin.
 
-An architecture file (gpt2.py, bert.py, vit.py) declares its Pixelfly config class, one Pixelfly model class
-per supported transformers class, and which module names play which role, then calls `register_architecture`.
+An architecture file (gpt2.py, bert.py, vit.py) declares one Pixelfly model class per supported transformers
+class, over its Pixelfly config class from configs.py, and which module names play which role, then calls
+`register_architecture`.
 
 A Pixelfly model's config carries `pixelfly = {"config": <PixelflyConfig dict>, "base_model": <id or path>,
 "modules": {name: {in_features, out_features, butterfly_size, n_factors, rank, block_size, gate}}}`, module
@@ -17,9 +18,9 @@ import tempfile
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import AutoConfig
 
 from ..layers import PixelflyLinear, dense_weight_of
+from ..summary import format_sparsity_summary, sparsity_summary
 
 MODEL_CARD_NAME = "README.md"
 
@@ -42,9 +43,8 @@ ARCHITECTURES: list[Architecture] = []
 
 
 def register_architecture(arch: Architecture) -> None:
-    """Make the architecture's Pixelfly classes loadable through the Auto classes and write auto_map on save."""
-    AutoConfig.register(arch.config_class.model_type, arch.config_class, exist_ok=True)
-    arch.config_class.register_for_auto_class()
+    """Make the architecture's Pixelfly model classes loadable through the Auto classes and write auto_map on save
+    (configs.py registers the config class)."""
     for pixelfly_class, auto_class in arch.models.values():
         auto_class.register(arch.config_class, pixelfly_class, exist_ok=True)
         pixelfly_class.register_for_auto_class(auto_class.__name__)
@@ -58,23 +58,6 @@ def supported_classes() -> list[str]:
 def dense_class_of(pixelfly_class: type) -> type:
     """The transformers class a Pixelfly model class patches."""
     return next(cls for arch in ARCHITECTURES for cls, (ours, _) in arch.models.items() if ours is pixelfly_class)
-
-
-class PixelflyConfigMixin:
-    """Mixed into each Pixelfly config class, which declares the fields
-    `pixelfly: dict | None = None` (the plan, see the module docstring) and
-    `pixelfly_attention: dict | None = None` (Pixelfly attention settings; None keeps the model's attention).
-
-    attn_implementation is not saved in config.json, so a config with Pixelfly attention settings defaults it
-    to "pixelfly" (an explicit attn_implementation= still wins).
-    """
-
-    def __post_init__(self, **kwargs):
-        if self.pixelfly_attention and kwargs.get("attn_implementation") is None:
-            from .. import attention  # noqa: F401  (registers the "pixelfly" attention with transformers)
-
-            kwargs["attn_implementation"] = "pixelfly"
-        super().__post_init__(**kwargs)
 
 
 def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, project: bool, n_iter: int = 3) -> None:
@@ -196,14 +179,10 @@ class PixelflyModelMixin:
         return super()._finalize_model_loading(model, load_config, loading_info)
 
     def sparsity_summary(self) -> dict:
-        from ..mapping import sparsity_summary
-
         return sparsity_summary(self)
 
     def print_sparsity_summary(self) -> dict:
         """Print per replaced matrix: shape, layout, density, params and FLOPs saved; return the numbers as a dict."""
-        from ..mapping import format_sparsity_summary
-
         summary = self.sparsity_summary()
         print(format_sparsity_summary(summary))
         return summary
