@@ -8,7 +8,7 @@ A small pre-LN causal transformer LM (same init, data order and steps for every 
   dense               SDPA, full causal attention (the bar)
   pixelfly            butterfly blocks + neighbours + global tokens, one softmax (the shipped variant)
   sparse_only         butterfly blocks + neighbours
-  global_only         global tokens (+ the token itself) only: the low-rank term alone
+  global_only         global tokens (+ the token itself) only: the global term alone
 Data: byte-level text from --text, else a synthetic stream mixing a peaked first-order Markov chain
 (local structure) with copies of earlier spans from anywhere in the sequence (long-range recall).
 """
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from pixelfly_hf.attention import AttentionSettings, pixelfly_attention_forward
+from pixelfly_hf.config import PixelflyAttentionConfig
+from pixelfly_hf.layers.attention import pattern_of, pixelfly_attention_forward
 
 VARIANTS = ("dense", "pixelfly", "sparse_only", "global_only")
 
@@ -31,27 +32,27 @@ VARIANTS = ("dense", "pixelfly", "sparse_only", "global_only")
 class _AttnOwner(torch.nn.Module):
     """What transformers passes as ``module``: is_causal and a config holding the settings."""
 
-    def __init__(self, settings: AttentionSettings):
+    def __init__(self, settings: PixelflyAttentionConfig):
         super().__init__()
         self.is_causal = True
         self.config = transformers.PretrainedConfig(pixelfly_attention=settings.to_dict())
 
 
-def make_attention(variant: str, settings: AttentionSettings):
+def make_attention(variant: str, settings: PixelflyAttentionConfig):
     forced = dict(settings.to_dict(), min_seq_len_for_sparse=0, max_density_for_sparse=1.0)
     if variant == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if variant in ("pixelfly", "sparse_only"):
         options = dict(forced)
         if variant == "sparse_only":
-            options["low_rank"] = 0
-        owner = _AttnOwner(AttentionSettings(**options))
+            options["n_global_tokens"] = 0
+        owner = _AttnOwner(PixelflyAttentionConfig(**options))
         return lambda q, k, v: pixelfly_attention_forward(owner, q, k, v, None)[0].transpose(1, 2)
     if variant == "global_only":
         def global_only(q, k, v):
             s = q.shape[2]
             pos = torch.arange(s, device=q.device)
-            keep = (pos[None, :] < settings.low_rank) & (pos[None, :] <= pos[:, None]) | torch.eye(s, dtype=torch.bool, device=q.device)
+            keep = (pos[None, :] < settings.n_global_tokens) & (pos[None, :] <= pos[:, None]) | torch.eye(s, dtype=torch.bool, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
         return global_only
@@ -131,19 +132,19 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--n-factors", type=int, default=3)
     parser.add_argument("--butterfly-size", type=int, default=None)
-    parser.add_argument("--low-rank", type=int, default=64, help="global tokens")
+    parser.add_argument("--n-global-tokens", type=int, default=64, help="global tokens (first positions seen by all)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for small studies (reference path)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.seq_len, args.batch, args.steps, args.val_batches = 256, 2, 3, 1
-        args.d_model, args.layers, args.heads, args.block_size, args.n_factors, args.low_rank = 64, 2, 4, 16, 2, 8
+        args.d_model, args.layers, args.heads, args.block_size, args.n_factors, args.n_global_tokens = 64, 2, 4, 16, 2, 8
         device = torch.device("cpu")
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("no CUDA GPU: pass --device cpu with small sizes, or --dry-run")
         device = torch.device(args.device)
-    settings = AttentionSettings(block_size=args.block_size, n_factors=args.n_factors,
-                                 butterfly_size=args.butterfly_size, low_rank=args.low_rank)
+    settings = PixelflyAttentionConfig(block_size=args.block_size, n_factors=args.n_factors,
+                                 butterfly_size=args.butterfly_size, n_global_tokens=args.n_global_tokens)
 
     if args.text:
         with open(args.text, "rb") as f:

@@ -24,13 +24,14 @@ import time
 import torch
 import transformers
 
-from pixelfly_hf.attention import AttentionSettings, choose_attention, pixelfly_attention_forward
+from pixelfly_hf.config import PixelflyAttentionConfig
+from pixelfly_hf.layers.attention import pattern_of, choose_attention, pixelfly_attention_forward
 from pixelfly_kernels.butterfly_attention import block_density, dense_pattern, flex_pixelfly_attention
 import timing  # benchmarks/timing.py
 
 
 class _Module(torch.nn.Module):
-    def __init__(self, causal: bool, settings: AttentionSettings):
+    def __init__(self, causal: bool, settings: PixelflyAttentionConfig):
         super().__init__()
         self.is_causal = causal
         self.config = transformers.PretrainedConfig(pixelfly_attention=settings.to_dict())
@@ -49,7 +50,7 @@ def _pixelfly(module):
 
 def _flex(settings):
     def run(q, k, v, causal):
-        return flex_pixelfly_attention(q, k, v, settings.pattern(), causal, q.shape[-1] ** -0.5)
+        return flex_pixelfly_attention(q, k, v, pattern_of(settings), causal, q.shape[-1] ** -0.5)
 
     return run
 
@@ -116,15 +117,15 @@ def main(argv=None):
 
     if args.dry_run:
         device, dtype = torch.device("cpu"), torch.float32
-        settings = AttentionSettings(block_size=16, n_factors=2, low_rank=8, min_seq_len_for_sparse=64)
+        settings = PixelflyAttentionConfig(block_size=16, n_factors=2, n_global_tokens=8, min_seq_len_for_sparse=64)
         seq_lens, head_dims, tokens, heads = [64, 128], [16], 256, 2
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA GPU; use --dry-run on CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        settings = AttentionSettings()
+        settings = PixelflyAttentionConfig()
         seq_lens, head_dims, tokens, heads = args.seq_lens, args.head_dims, args.tokens, args.heads
-    forced = AttentionSettings(**{**settings.to_dict(), "min_seq_len_for_sparse": 0, "max_density_for_sparse": 1.0})
+    forced = PixelflyAttentionConfig(**{**settings.to_dict(), "min_seq_len_for_sparse": 0, "max_density_for_sparse": 1.0})
     bench = lambda fn: timing.median_ms(fn, [()])  # noqa: E731  (one input set: q, k, v live in the closure)
     start = time.time()
     rows = []
@@ -138,7 +139,7 @@ def main(argv=None):
                     for _ in range(3)
                 )
                 row = dict(causal=causal, head_dim=d, seq_len=s, batch=b, heads=heads,
-                           density=round(block_density(s, settings.pattern(), causal), 4),
+                           density=round(block_density(s, pattern_of(settings), causal), 4),
                            choice=choose_attention(s, settings, causal))
                 row["sdpa_ms"] = bench(_fwd_bwd(_sdpa, q, k, v, causal))
                 if time.time() - start > args.budget_s:

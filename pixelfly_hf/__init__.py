@@ -1,8 +1,30 @@
-"""pixelfly_hf: Pixelfly (flat block butterfly + low-rank) layers for Hugging Face Transformers."""
-from .patterns import FlatButterflyLayout, MatrixPlan, plan_matrix
-from .layers import PixelflyLinear
-from . import attention  # registers "pixelfly" with transformers
-from .config import PixelflyConfig
-from .mapping import get_model  # importing it registers the Pixelfly models with the Auto classes
+"""pixelfly_hf: Pixelfly (flat block butterfly + low-rank) layers for Hugging Face Transformers.
+
+Importing it registers the Pixelfly model types with the Auto classes (their model classes load when a Pixelfly
+config is built). The layers, the planner and get_model load on first use: they pull in torch's compiler stack
+and the Triton kernels, which a script that only loads or configures a model should not pay for at import.
+"""
+import importlib
+
+from . import models  # noqa: F401  (registers the Pixelfly config types with AutoConfig)
+from .config import PixelflyAttentionConfig, PixelflyConfig
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "FlatButterflyLayout": "patterns",
+    "MatrixPlan": "patterns",
+    "plan_matrix": "patterns",
+    "PixelflyLinear": "layers",
+    "get_model": "mapping",
+}
+
+__all__ = ["PixelflyAttentionConfig", "PixelflyConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,23 @@
-"""get_model: turn a GPT-2 / BERT / ViT transformers model into its Pixelfly version, in place; the summary."""
+"""get_model: turn a GPT-2 / BERT / ViT transformers model into its Pixelfly version, in place.
+
+Imports the model registry (models/), never the reverse.
+"""
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
-from .models import ARCHITECTURES, PixelflyModelMixin, supported_classes
-from .models.base import install_pixelfly_layers
+from .models import import_architectures
+from .models.base import ARCHITECTURES, PixelflyModelMixin, install_pixelfly_layers, supported_classes
 from .patterns import plan_matrix
 
+import_architectures()
 logger = logging.getLogger(__name__)
 
 
@@ -86,7 +91,7 @@ def resolve_plan(model: nn.Module, config: PixelflyConfig) -> dict[str, dict]:
         if not any(match(candidates[rel], rel) for rel in targets):
             raise ValueError(f"overrides key {key!r} matches none of the replaced matrices; check the name or role.")
 
-    plan = {}
+    settings_by_name = {}
     for rel in (name for name in candidates if name in targets):  # model order
         settings = {key: getattr(config, key) for key in OVERRIDE_KEYS}
         for _, match, values in overrides:
@@ -96,26 +101,54 @@ def resolve_plan(model: nn.Module, config: PixelflyConfig) -> dict[str, dict]:
                 if "butterfly_size" in values or "n_factors" in values:
                     settings.update(density=None)
                 settings.update(values)
-        out_features, in_features = _shape(base.get_submodule(rel))
-        rank = min(settings["low_rank"], out_features, in_features)
-        try:
-            if settings["density"] is not None:
-                chosen = plan_matrix(
-                    out_features, in_features, settings["density"], block_size=settings["block_size"], rank=rank
-                )
-                bs, k, rank = chosen.butterfly_size, chosen.n_factors, chosen.rank
-            else:
-                bs, k = settings["butterfly_size"], settings["n_factors"]
-            # validates the layout and rank for this shape
-            PixelflyLinear(in_features, out_features, butterfly_size=bs, n_factors=k, rank=rank,
-                           block_size=settings["block_size"], device="meta")
-        except ValueError as err:
-            raise ValueError(f"{candidates[rel]} ({in_features}->{out_features}): {err}") from None
-        plan[rel] = {
-            "in_features": in_features, "out_features": out_features, "butterfly_size": bs, "n_factors": k,
-            "rank": rank, "block_size": settings["block_size"], "gate": settings["gate"],
-        }
-    return plan
+        settings_by_name[rel] = settings
+    # matrices of one shape and settings get one plan, so a warning about them is given once, naming them all
+    groups: dict[tuple, list[str]] = {}
+    for rel, settings in settings_by_name.items():
+        groups.setdefault((_shape(base.get_submodule(rel)), tuple(sorted(settings.items()))), []).append(rel)
+    plan = {}
+    for ((out_features, in_features), items), names in groups.items():
+        settings = dict(items)
+        structure = _structure(_names(names, candidates), candidates[names[0]], out_features, in_features, settings)
+        for rel in names:
+            plan[rel] = dict(structure)
+    return {rel: plan[rel] for rel in settings_by_name}
+
+
+def _names(names: list[str], candidates: dict[str, str]) -> str:
+    shown = ", ".join(candidates[rel] for rel in names[:2])
+    return shown if len(names) <= 2 else f"{shown} and {len(names) - 2} more"
+
+
+def _structure(what: str, first: str, out_features: int, in_features: int, settings: dict) -> dict:
+    """The plan entry of the matrices named `what`: warns when the requested rank cannot be kept, and an error
+    names the `first` of them."""
+    rank = settings["low_rank"]
+    if rank > min(out_features, in_features):
+        warnings.warn(
+            f"{what} ({in_features}->{out_features}): low_rank={rank} exceeds min(in, out) = "
+            f"{min(out_features, in_features)}; using rank {min(out_features, in_features)} (a full-rank term). "
+            f"Pass low_rank <= {min(out_features, in_features)} or an override for these matrices to silence this.",
+            UserWarning,
+            stacklevel=4,
+        )
+        rank = min(out_features, in_features)
+    try:
+        if settings["density"] is not None:
+            chosen = plan_matrix(out_features, in_features, settings["density"], block_size=settings["block_size"],
+                                 rank=rank, name=f"{what} ({in_features}->{out_features})")
+            bs, k, rank = chosen.butterfly_size, chosen.n_factors, chosen.rank
+        else:
+            bs, k = settings["butterfly_size"], settings["n_factors"]
+        # validates the layout and rank for this shape
+        PixelflyLinear(in_features, out_features, butterfly_size=bs, n_factors=k, rank=rank,
+                       block_size=settings["block_size"], device="meta")
+    except ValueError as err:
+        raise ValueError(f"{first} ({in_features}->{out_features}): {err}") from None
+    return {
+        "in_features": in_features, "out_features": out_features, "butterfly_size": bs, "n_factors": k,
+        "rank": rank, "block_size": settings["block_size"], "gate": settings["gate"],
+    }
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
@@ -150,11 +183,6 @@ def get_model(model: nn.Module, config: PixelflyConfig) -> nn.Module:
     config.validate()
     arch, pixelfly_class = _find_architecture(model)
     plan = resolve_plan(model, config)
-    attention_settings = None
-    if config.attention == "pixelfly":
-        from .attention import AttentionSettings
-
-        attention_settings = AttentionSettings.from_dict(config.attention_config).to_dict()
     install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters)
 
     old_config = model.config
@@ -163,71 +191,11 @@ def get_model(model: nn.Module, config: PixelflyConfig) -> nn.Module:
         if getattr(module, "config", None) is old_config:
             module.config = new_config
     model.__class__ = pixelfly_class
-    if attention_settings is not None:
-        new_config.pixelfly_attention = attention_settings
+    if config.attention == "pixelfly":
+        from .layers import attention  # noqa: F401  (registers "pixelfly" with transformers)
+
+        new_config.pixelfly_attention = config.attention_config.to_dict()
         model.set_attn_implementation("pixelfly")
     for name, spec in plan.items():
         logger.info("pixelfly %s: %s", name, spec)
     return model
-
-
-def sparsity_summary(model: nn.Module) -> dict:
-    """Params and matrix FLOPs per token, dense vs Pixelfly, for the whole model and per replaced matrix."""
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, PixelflyLinear):
-            continue
-        dense = module.num_params_dense
-        ours = module.num_params_structured + (module.gate.weight.numel() if module.gate is not None else 0)
-        layers.append({
-            "name": name,
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "layout": module.layout.describe(),
-            "butterfly_size": module.butterfly_size,
-            "n_factors": module.n_factors,
-            "rank": module.rank,
-            "density": ours / dense,
-            "params_dense": dense,
-            "params_pixelfly": ours,
-            "flops_per_token_dense": 2 * dense,
-            "flops_per_token_pixelfly": 2 * ours,
-            "flops_per_token_saved": 2 * (dense - ours),
-            "projection_error": module.projection_error,
-        })
-    total = sum(p.numel() for p in model.parameters())
-    matrices_dense = sum(row["params_dense"] for row in layers)
-    matrices_ours = sum(row["params_pixelfly"] for row in layers)
-    return {
-        "layers": layers,
-        "replaced_matrices": len(layers),
-        "matrix_params_dense": matrices_dense,
-        "matrix_params_pixelfly": matrices_ours,
-        "density": matrices_ours / matrices_dense if matrices_dense else 1.0,
-        "total_params_dense": total - matrices_ours + matrices_dense,
-        "total_params_pixelfly": total,
-        "total_density": total / (total - matrices_ours + matrices_dense),
-        "flops_per_token_dense": 2 * matrices_dense,
-        "flops_per_token_pixelfly": 2 * matrices_ours,
-        "flops_per_token_saved": 2 * (matrices_dense - matrices_ours),
-    }
-
-
-def format_sparsity_summary(summary: dict) -> str:
-    header = f"{'module':<44} {'in->out':>11} {'bs':>3} {'k':>2} {'rank':>4} {'density':>8} {'params':>19} {'MFLOP/tok saved':>15}"
-    lines = [header, "-" * len(header)]
-    for row in summary["layers"]:
-        lines.append(
-            f"{row['name']:<44} {row['in_features']:>5}->{row['out_features']:<5} {row['butterfly_size']:>3} "
-            f"{row['n_factors']:>2} {row['rank']:>4} {row['density']:>8.2%} "
-            f"{row['params_pixelfly']:>9,}/{row['params_dense']:<9,} {row['flops_per_token_saved'] / 1e6:>15.3f}"
-        )
-    lines.append("-" * len(header))
-    lines.append(
-        f"{summary['replaced_matrices']} matrices replaced: {summary['matrix_params_pixelfly']:,} of "
-        f"{summary['matrix_params_dense']:,} params ({summary['density']:.2%}); whole model "
-        f"{summary['total_params_pixelfly']:,} vs {summary['total_params_dense']:,} dense "
-        f"({summary['total_density']:.2%}); matrix FLOPs per token {summary['flops_per_token_pixelfly']:,} vs "
-        f"{summary['flops_per_token_dense']:,} dense, {summary['flops_per_token_saved']:,} saved."
-    )
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from pixelfly_kernels.reference import butterfly_to_dense
 
-from .attention import ATTENTION_NAME
+from .layers.attention import ATTENTION_NAME
 from .layers import PixelflyLinear
 from .models.base import dense_class_of
 

@@ -8,18 +8,17 @@ tiles r ^ offset for offset in `butterfly_offsets(n_factors)`. Nothing here know
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .config import check_block_size, check_butterfly_size, check_count, check_density, check_n_factors
 
 
 def butterfly_offsets(n_factors: int) -> list[int]:
     """XOR offsets of the tiles in one tile row: identity, then strides 1, 2, 4, ..."""
     return [0] + [1 << i for i in range(n_factors)]
-
-
-def _is_power_of_two(n: int) -> bool:
-    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -33,22 +32,10 @@ class FlatButterflyLayout:
     block_size: int = 32
 
     def __post_init__(self):
-        bs, k = self.butterfly_size, self.n_factors
-        if not _is_power_of_two(bs) or bs < 2:
-            raise ValueError(
-                f"butterfly_size={bs!r} must be a power of 2 and at least 2 (e.g. 4, 8, 16, 32)."
-            )
-        max_factors = int(math.log2(bs))
-        if not isinstance(k, int) or k < 0 or k > max_factors:
-            raise ValueError(
-                f"n_factors={k!r} must be an integer in [0, log2(butterfly_size)] = [0, {max_factors}] "
-                f"for butterfly_size={bs}."
-            )
-        if not _is_power_of_two(self.block_size) or self.block_size < 16:
-            raise ValueError(
-                f"block_size={self.block_size!r} must be a power of 2 and at least 16 (the smallest "
-                "tensor-core tile edge); use 16, 32, 64 or 128."
-            )
+        bs = self.butterfly_size
+        check_butterfly_size(bs)
+        check_n_factors(self.n_factors, bs)
+        check_block_size(self.block_size)
         dims = (("out_features", self.out_features), ("in_features", self.in_features))
         for name, features in dims:
             if features % bs:
@@ -112,12 +99,8 @@ class FlatButterflyLayout:
 
 
 def validate_rank(rank: int, out_features: int, in_features: int) -> None:
-    limit = min(out_features, in_features)
-    if not isinstance(rank, int) or rank < 0 or rank > limit:
-        raise ValueError(
-            f"rank={rank!r} must be an integer in [0, min(in_features, out_features)] = [0, {limit}]; "
-            "use 0 to disable the low-rank term."
-        )
+    check_count("rank", rank, limit=min(out_features, in_features),
+                hint=" = [0, min(in_features, out_features)]; use 0 to disable the low-rank term")
 
 
 @dataclass(frozen=True)
@@ -175,6 +158,12 @@ def _candidate_layouts(out_features: int, in_features: int, block_size: int):
         bs *= 2
 
 
+def _smallest_sparse(out_features: int, in_features: int, block_size: int) -> int | None:
+    """Parameters of the sparsest valid layout at this minimum tile edge (None: no layout has tiles that wide)."""
+    sizes = [(k + 1) * out_features * in_features // bs for bs, k in _candidate_layouts(out_features, in_features, block_size)]
+    return min(sizes, default=None)
+
+
 def plan_matrix(
     out_features: int,
     in_features: int,
@@ -182,16 +171,17 @@ def plan_matrix(
     *,
     block_size: int = 32,
     rank: int = 32,
+    name: str | None = None,
 ) -> MatrixPlan:
     """Pick (butterfly_size, n_factors, rank) for one matrix within a density budget.
 
-    `density` is the budget as a fraction of the dense matrix's parameters, low rank included. The rank is
-    the requested one, lowered to the largest multiple of 8 that leaves room for the smallest sparse layout.
+    `density` is the budget as a fraction of the dense matrix's parameters, low rank included. The requested rank
+    is kept when it fits beside the sparsest layout; otherwise it is lowered to the largest multiple of 8 that
+    fits, with a warning naming the matrix (`name`, else its shape), the density or block_size that would keep it.
     Among layouts that fit, the densest sparse part wins (it spends the budget); ties go to the larger tiles
     (the kernel is faster on wide tiles), then to fewer factors. Deterministic.
     """
-    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-        raise ValueError(f"density={density!r} must be a fraction in (0, 1], e.g. 0.25 for a quarter of dense.")
+    check_density(density)
     validate_rank(rank, out_features, in_features)
     candidates = list(_candidate_layouts(out_features, in_features, block_size))
     if not candidates:
@@ -201,16 +191,22 @@ def plan_matrix(
         )
     dense = out_features * in_features
     budget_params = density * dense
-    smallest_sparse = min((k + 1) * dense // bs for bs, k in candidates)
+    smallest_sparse = _smallest_sparse(out_features, in_features, block_size)
     room = budget_params - smallest_sparse
     if room < 0:
         raise ValueError(
             f"density={density} is below the sparsest layout available for {in_features}->{out_features} "
             f"with block_size={block_size} ({smallest_sparse / dense:.2%}); raise density or lower block_size."
         )
-    rank = min(rank, int(room // (out_features + in_features)) // 8 * 8)
+    per_rank = out_features + in_features
+    affordable = int(room // per_rank)
+    if rank > affordable:
+        lowered = affordable // 8 * 8
+        _warn_rank_lowered(name or f"{in_features}->{out_features}", rank, lowered, density, block_size,
+                           (smallest_sparse + rank * per_rank) / dense, out_features, in_features)
+        rank = lowered
 
-    lowrank_params = rank * (out_features + in_features)
+    lowrank_params = rank * per_rank
 
     def preference(candidate):
         bs, k = candidate
@@ -219,3 +215,22 @@ def plan_matrix(
     fitting = [c for c in candidates if (c[1] + 1) * dense // c[0] + lowrank_params <= budget_params]
     bs, k = max(fitting, key=preference)
     return MatrixPlan(out_features, in_features, bs, k, rank, block_size, float(density))
+
+
+def _warn_rank_lowered(name, rank, lowered, density, block_size, density_needed, out_features, in_features):
+    fixes = [f"raise density to {math.ceil(density_needed * 1000) / 1000:g}"] if density_needed <= 1 else []
+    smaller = block_size // 2
+    while smaller >= 16:
+        sparse = _smallest_sparse(out_features, in_features, smaller)
+        if sparse is not None and sparse + rank * (out_features + in_features) <= density * out_features * in_features:
+            fixes.append(f"lower block_size to {smaller}")
+            break
+        smaller //= 2
+    fixes.append(f"pass low_rank={lowered} to accept it")
+    warnings.warn(
+        f"{name}: low_rank={rank} does not fit density={density} with block_size={block_size} (the sparsest layout "
+        f"alone takes {_smallest_sparse(out_features, in_features, block_size) / (out_features * in_features):.2%} "
+        f"of dense); using rank {lowered}. To keep rank {rank}: " + ", or ".join(fixes) + ".",
+        UserWarning,
+        stacklevel=3,
+    )

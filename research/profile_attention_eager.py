@@ -17,7 +17,8 @@ import transformers
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from pixelfly_hf.attention import AttentionSettings, pixelfly_attention_forward
+from pixelfly_hf.config import PixelflyAttentionConfig
+from pixelfly_hf.layers.attention import pattern_of, pixelfly_attention_forward
 
 
 def main(argv=None):
@@ -26,7 +27,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     owner = torch.nn.Module()
     owner.is_causal = True
-    owner.config = transformers.PretrainedConfig(pixelfly_attention=AttentionSettings().to_dict())
+    owner.config = transformers.PretrainedConfig(pixelfly_attention=PixelflyAttentionConfig().to_dict())
     q, k, v = (torch.randn(4, 16, 4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 

@@ -5,15 +5,12 @@ import pytest
 import torch
 import transformers
 
-from pixelfly_hf.attention import (
-    AttentionSettings,
-    choose_attention,
-    pixelfly_attention_forward,
-)
+from pixelfly_hf import PixelflyAttentionConfig
+from pixelfly_hf.layers.attention import choose_attention, pattern_of, pixelfly_attention_forward
 from pixelfly_kernels.attention_reference import random_feature_projection, sparse_performer_attention
 from pixelfly_kernels.butterfly_attention import PatternSpec, flex_pixelfly_attention, get_block_mask
 
-SMALL = dict(block_size=16, n_factors=1, low_rank=4, min_seq_len_for_sparse=0, max_density_for_sparse=1.0)
+SMALL = dict(block_size=16, n_factors=1, n_global_tokens=4, min_seq_len_for_sparse=0, max_density_for_sparse=1.0)
 
 
 class FakeModule(torch.nn.Module):
@@ -123,12 +120,12 @@ def test_global_tokens_counted_once():
     implementation applies with the definition, and check the all-global limit equals dense."""
     q, k, v = qkv(b=1, h=1, s=64)
     # rows in blocks 0/1 see block 0 through the pattern AND through the global tokens
-    module = FakeModule(False, low_rank=20)
+    module = FakeModule(False, n_global_tokens=20)
     out, _ = pixelfly_attention_forward(module, q, k, v, None)
     keep = allowed_by_definition(64, 16, 1, 20, False)
     torch.testing.assert_close(out.double(), softmax_float64(q, k, v, keep, 0.25).transpose(1, 2), atol=2e-5, rtol=1e-5)
     # all tokens global -> exactly dense attention
-    module = FakeModule(False, low_rank=64)
+    module = FakeModule(False, n_global_tokens=64)
     out, _ = pixelfly_attention_forward(module, q, k, v, None)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-5)
@@ -210,7 +207,7 @@ def test_gpt2_causal_leakage_and_save_load(tmp_path):
         torch.testing.assert_close(model(ids2).logits[:, :45], logits[:, :45], atol=0, rtol=0)
     model.save_pretrained(tmp_path)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="pixelfly").eval()
-    assert AttentionSettings.from_dict(loaded.config.pixelfly_attention) == AttentionSettings.from_dict(
+    assert PixelflyAttentionConfig.from_dict(loaded.config.pixelfly_attention) == PixelflyAttentionConfig.from_dict(
         model.config.pixelfly_attention
     )
     with torch.no_grad():
@@ -242,7 +239,7 @@ def test_bert_padding_invariance():
 def test_vit_all_global_equals_sdpa_and_sparse_differs():
     config = transformers.ViTConfig(
         image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, attention_probs_dropout_prob=0.0, pixelfly_attention={**SMALL, "low_rank": 65},
+        intermediate_size=128, attention_probs_dropout_prob=0.0, pixelfly_attention={**SMALL, "n_global_tokens": 65},
     )  # 64 patches + CLS = 65 tokens (ragged: not a multiple of 16)
     torch.manual_seed(0)
     model = transformers.ViTModel(config, add_pooling_layer=False).eval()
@@ -260,24 +257,30 @@ def test_vit_all_global_equals_sdpa_and_sparse_differs():
 def test_short_sequences_use_dense_sdpa_and_say_so(caplog):
     q, k, v = qkv(b=1, h=2, s=48)
     module = FakeModule(True, min_seq_len_for_sparse=64)
-    with caplog.at_level(logging.INFO, logger="pixelfly_hf.attention"):
+    with caplog.at_level(logging.INFO, logger="pixelfly_hf.layers.attention"):
         out, _ = pixelfly_attention_forward(module, q, k, v, None)
     assert "seq_len=48" in caplog.text and "sdpa" in caplog.text
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
-    defaults = AttentionSettings()
+    defaults = PixelflyAttentionConfig()
     assert choose_attention(1024, defaults) == "sdpa" and choose_attention(4096, defaults) == "pixelfly"
 
 
 def test_settings_roundtrip_and_errors():
-    s = AttentionSettings(block_size=64, butterfly_size=8, n_factors=3, low_rank=16)
-    assert AttentionSettings.from_dict(s.to_dict()) == s
+    s = PixelflyAttentionConfig(block_size=64, butterfly_size=8, n_factors=3, n_global_tokens=16)
+    assert PixelflyAttentionConfig.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="block_size=48"):
-        AttentionSettings(block_size=48)
+        PixelflyAttentionConfig(block_size=48)
     with pytest.raises(ValueError, match="n_factors=4.*log2"):
-        AttentionSettings(butterfly_size=8, n_factors=4)
+        PixelflyAttentionConfig(butterfly_size=8, n_factors=4)
     with pytest.raises(ValueError, match="unknown pixelfly_attention option.*blok_size"):
-        AttentionSettings.from_dict({"blok_size": 16})
+        PixelflyAttentionConfig.from_dict({"blok_size": 16})
+    with pytest.raises(ValueError, match=r"\['low_rank'\].*for attention low_rank is n_global_tokens"):
+        PixelflyAttentionConfig.from_dict({"low_rank": 16})
+    with pytest.raises(ValueError, match="n_global_tokens=-1"):
+        PixelflyAttentionConfig(n_global_tokens=-1)
+    with pytest.raises(ValueError, match=r"max_density_for_sparse=0 must be a number in \(0, 1\]"):
+        PixelflyAttentionConfig(max_density_for_sparse=0)
 
 
 def test_bad_inputs_name_the_value_and_fix():
@@ -297,10 +300,10 @@ def test_bad_inputs_name_the_value_and_fix():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_gpu_bf16_matches_reference(causal):
-    from pixelfly_hf.attention import reference_pixelfly_attention
+    from pixelfly_hf.layers.attention import reference_pixelfly_attention
 
-    settings = AttentionSettings(
-        block_size=128, n_factors=2, low_rank=32, min_seq_len_for_sparse=0, max_density_for_sparse=1.0
+    settings = PixelflyAttentionConfig(
+        block_size=128, n_factors=2, n_global_tokens=32, min_seq_len_for_sparse=0, max_density_for_sparse=1.0
     )
     module = FakeModule(causal, **settings.to_dict())
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -313,7 +316,7 @@ def test_flex_gpu_bf16_matches_reference(causal):
     fast_grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    ref = reference_pixelfly_attention(q.float(), k.float(), v.float(), None, settings, causal, 64**-0.5)
+    ref = reference_pixelfly_attention(q.float(), k.float(), v.float(), None, pattern_of(settings), causal, 64**-0.5)
     ref.transpose(1, 2).backward(grad.float())
     torch.testing.assert_close(out.float(), ref.transpose(1, 2), atol=2e-2, rtol=2e-2)
     for fast, t in zip(fast_grads, (q, k, v)):

@@ -192,7 +192,7 @@ def test_custom_op_compiles_without_graph_breaks():
 def test_the_registered_function_dispatches_to_the_kernels_where_they_apply(monkeypatch):
     """The GPU dispatch rules, run on CPU in the interpreter: whole-block global tokens, fp16, no mask or a key padding
     mask -> our kernels; 16 global tokens in 32-token blocks, or a general 4-D mask -> FlexAttention."""
-    import pixelfly_hf.attention as attention
+    import pixelfly_hf.layers.attention as attention
 
     flex_calls = []
     monkeypatch.setattr(attention, "flex_pixelfly_attention", lambda *args: flex_calls.append(args) or args[0])

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pixelfly_hf import PixelflyConfig
+from pixelfly_hf import PixelflyAttentionConfig, PixelflyConfig
 from pixelfly_hf.config import CONFIG_NAME
 
 
@@ -28,6 +28,32 @@ def test_dict_and_file_round_trip(tmp_path):
     path = config.save_pretrained(tmp_path / "cfg")
     assert path.endswith(CONFIG_NAME) and json.load(open(path))["density"] == 0.4
     assert PixelflyConfig.from_pretrained(tmp_path / "cfg") == config
+
+
+def test_attention_config_is_converted_checked_and_round_trips(tmp_path):
+    config = PixelflyConfig(attention="pixelfly", attention_config={"block_size": 64, "n_global_tokens": 64})
+    assert config.attention_config == PixelflyAttentionConfig(block_size=64, n_global_tokens=64)
+    assert json.loads(config.to_json_string())["attention_config"]["n_global_tokens"] == 64
+    config.save_pretrained(tmp_path)
+    assert PixelflyConfig.from_pretrained(tmp_path) == config
+    assert PixelflyConfig(attention="pixelfly").attention_config == PixelflyAttentionConfig()
+    assert PixelflyConfig().attention_config is None
+
+
+@pytest.mark.parametrize(
+    "attention_config, message",
+    [
+        ({"blok_size": 64}, r"unknown pixelfly_attention option\(s\) \['blok_size'\]; known options: .*'block_size'"),
+        ({"low_rank": 64}, "for attention low_rank is n_global_tokens"),
+        ({"block_size": 100}, "attention_config.block_size=100 must be a power of 2"),
+        ({"n_factors": 0}, r"attention_config.n_factors=0 must be an integer >= 1"),
+        ({"butterfly_size": 4, "n_factors": 3}, r"attention_config.n_factors=3 must be an integer in \[1, log2"),
+        ("dense", "must be a PixelflyAttentionConfig, a dict of its fields, or None"),
+    ],
+)
+def test_attention_config_errors_at_construction(attention_config, message):
+    with pytest.raises(ValueError, match=message):
+        PixelflyConfig(attention="pixelfly", attention_config=attention_config)
 
 
 def test_from_pretrained_on_a_folder_without_the_file_says_which_file(tmp_path):

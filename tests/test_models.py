@@ -384,7 +384,7 @@ def test_compiled_model_with_pixelfly_attention_has_no_graph_break():
     """The dense/sparse choice (tile density, settings parsing, its log line) runs on every attention call; under
     torch.compile it must be a constant, not graph ops or a break per layer (it was 3 breaks per layer)."""
     torch.manual_seed(0)
-    options = {"block_size": 16, "n_factors": 2, "low_rank": 16, "min_seq_len_for_sparse": 32}
+    options = {"block_size": 16, "n_factors": 2, "n_global_tokens": 16, "min_seq_len_for_sparse": 32}
     model = get_model(GPT2Model(gpt2_config(n_positions=256)), PixelflyConfig(**SMALL, attention="pixelfly",
                                                                               attention_config=options))
     inputs = torch.randint(1, VOCAB, (2, 64))
@@ -401,7 +401,7 @@ def test_pixelfly_attention_is_switched_on_saved_and_restored_on_load(tmp_path):
     dense = GPT2LMHeadModel(config).eval()
     model = GPT2LMHeadModel(config).eval()
     model.load_state_dict(dense.state_dict())
-    options = {"block_size": 16, "n_factors": 1, "low_rank": 2, "min_seq_len_for_sparse": 0}
+    options = {"block_size": 16, "n_factors": 1, "n_global_tokens": 2, "min_seq_len_for_sparse": 0}
     # exact (full-layout) MLPs, so any difference from the dense model comes from the attention
     structure = dict(target_modules=["mlp"], butterfly_size=2, n_factors=1, low_rank=0, block_size=16)
     model = get_model(model, PixelflyConfig(**structure, attention="pixelfly", attention_config=options))

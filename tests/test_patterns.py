@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -86,8 +87,9 @@ def test_planner_known_choices():
     plan = plan_matrix(3072, 768, 0.25)
     assert (plan.butterfly_size, plan.n_factors, plan.rank) == (16, 2, 32)
     assert plan.density == pytest.approx(0.1875 + 32 * (3072 + 768) / (3072 * 768))
-    # a small budget squeezes the rank before giving up
-    tight = plan_matrix(1024, 1024, 0.08)
+    # a small budget squeezes the rank before giving up, and says so
+    with pytest.warns(UserWarning, match=r"1024->1024: low_rank=32 does not fit density=0.08 .* using rank 24"):
+        tight = plan_matrix(1024, 1024, 0.08)
     assert tight.rank < 32 and tight.density <= 0.08
     assert isinstance(tight, MatrixPlan)
 
@@ -104,3 +106,55 @@ def test_planner_explains_impossible_budgets():
     with pytest.raises(ValueError, match="no flat butterfly layout of 48->48"):
         plan_matrix(48, 48, 0.5, block_size=32)
     assert math.isclose(plan_matrix(768, 768, 1.0, rank=0).density, 1.0)
+
+
+def _gpt2(n_embd: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=n_embd, n_head=4, vocab_size=64, n_positions=32))
+
+
+def test_planner_keeps_a_requested_rank_that_fits():
+    # 4 fits beside the layout; rounding it down to a multiple of 8 would drop the low-rank term
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan_matrix(768, 768, 0.25, rank=4).rank == 4
+
+
+def test_block_size_128_on_gpt2_warns_that_the_rank_is_dropped_and_says_how_to_keep_it():
+    """GPT-2's 768-wide matrices hold at most 4 tiles of 128 per side: the sparsest layout alone takes the whole
+    25% budget, so the requested rank 32 cannot stay; the warning names the matrices and both ways out."""
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    with pytest.warns(UserWarning) as caught:
+        model = get_model(_gpt2(768), PixelflyConfig(block_size=128, init="random"))
+    messages = [str(w.message) for w in caught if "low_rank=32" in str(w.message)]
+    assert len(messages) == 4  # one per matrix shape: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert any(
+        m.startswith("transformer.h.0.attn.c_attn (768->2304): low_rank=32 does not fit density=0.25 with "
+                     "block_size=128") and "using rank 0" in m and "raise density to 0.306, or lower block_size to 64"
+        in m for m in messages
+    )
+    assert {spec["rank"] for spec in model.config.pixelfly["modules"].values()} == {0}
+
+
+def test_following_the_advice_honours_the_rank_without_a_warning():
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = get_model(_gpt2(768), PixelflyConfig(block_size=64, init="random"))
+    plans = model.config.pixelfly["modules"].values()
+    assert {spec["rank"] for spec in plans} == {32}
+    assert all(spec["butterfly_size"] == 8 for spec in plans)
+
+
+def test_a_rank_above_the_matrix_size_is_lowered_with_a_warning():
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    config = PixelflyConfig(target_modules=["mlp"], butterfly_size=2, n_factors=1, low_rank=100, block_size=16,
+                            init="random")
+    with pytest.warns(UserWarning, match=r"transformer\.h\.0\.mlp\.c_fc \(64->256\): low_rank=100 exceeds min\(in, "
+                                         r"out\) = 64; using rank 64"):
+        model = get_model(_gpt2(64), config)
+    assert model.config.pixelfly["modules"]["h.0.mlp.c_fc"]["rank"] == 64

@@ -1,14 +1,19 @@
-"""Pixelfly model classes, one module per architecture; importing this package registers them all.
+"""Pixelfly model classes, one module per architecture.
 
-Adding an architecture = adding one module here that calls `base.register_architecture`.
+Importing this package registers the Pixelfly config classes (configs.py) with AutoConfig; an architecture's
+model classes register with the Auto classes when its module is imported, which building one of its configs
+does. `import_architectures()` imports them all (get_model needs every architecture to find the model's).
+Adding an architecture = a config class in configs.py and one module here that calls `base.register_architecture`.
 """
 import importlib
 import pkgutil
 
-from .base import ARCHITECTURES, Architecture, PixelflyModelMixin, register_architecture, supported_classes
+from . import configs  # noqa: F401  (registers the config classes with AutoConfig)
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+_NOT_ARCHITECTURES = {"base", "configs"}
 
-__all__ = ["ARCHITECTURES", "Architecture", "PixelflyModelMixin", "register_architecture", "supported_classes"]
+
+def import_architectures() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _NOT_ARCHITECTURES:
+            importlib.import_module(f"{__name__}.{module.name}")

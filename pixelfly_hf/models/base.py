@@ -1,7 +1,8 @@
-"""Shared machinery of the Pixelfly model classes: the architecture registry, the config and model mixins.
+"""Shared machinery of the Pixelfly model classes: the architecture registry and the model mixin.
 
-An architecture file (gpt2.py, bert.py, vit.py) declares its Pixelfly config class, one Pixelfly model class
-per supported transformers class, and which module names play which role, then calls `register_architecture`.
+An architecture file (gpt2.py, bert.py, vit.py) declares one Pixelfly model class per supported transformers
+class, over its Pixelfly config class from configs.py, and which module names play which role, then calls
+`register_architecture`.
 
 A Pixelfly model's config carries `pixelfly = {"config": <PixelflyConfig dict>, "base_model": <id or path>,
 "modules": {name: {in_features, out_features, butterfly_size, n_factors, rank, block_size, gate}}}`, module
@@ -17,9 +18,9 @@ import tempfile
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import AutoConfig
 
 from ..layers import PixelflyLinear, dense_weight_of
+from ..summary import format_sparsity_summary, sparsity_summary
 
 MODEL_CARD_NAME = "README.md"
 
@@ -42,12 +43,12 @@ ARCHITECTURES: list[Architecture] = []
 
 
 def register_architecture(arch: Architecture) -> None:
-    """Make the architecture's Pixelfly classes loadable through the Auto classes once pixelfly_hf is imported.
+    """Make the architecture's Pixelfly classes loadable through the Auto classes once pixelfly_hf is imported
+    (configs.py registers the config class).
 
     No register_for_auto_class: that would make save_pretrained copy this package's source into the checkpoint
     and write an auto_map, i.e. ask every loader to run remote code. Loading needs `import pixelfly_hf` instead.
     """
-    AutoConfig.register(arch.config_class.model_type, arch.config_class, exist_ok=True)
     for pixelfly_class, auto_class in arch.models.values():
         auto_class.register(arch.config_class, pixelfly_class, exist_ok=True)
     ARCHITECTURES.append(arch)
@@ -65,23 +66,6 @@ def dense_class_of(pixelfly_class: type) -> type:
 def auto_class_of(pixelfly_class: type) -> type:
     """The Auto class (e.g. AutoModelForCausalLM) a Pixelfly model class is registered with."""
     return next(auto for arch in ARCHITECTURES for ours, auto in arch.models.values() if ours is pixelfly_class)
-
-
-class PixelflyConfigMixin:
-    """Mixed into each Pixelfly config class, which declares the fields
-    `pixelfly: dict | None = None` (the plan, see the module docstring) and
-    `pixelfly_attention: dict | None = None` (Pixelfly attention settings; None keeps the model's attention).
-
-    attn_implementation is not saved in config.json, so a config with Pixelfly attention settings defaults it
-    to "pixelfly" (an explicit attn_implementation= still wins).
-    """
-
-    def __post_init__(self, **kwargs):
-        if self.pixelfly_attention and kwargs.get("attn_implementation") is None:
-            from .. import attention  # noqa: F401  (registers the "pixelfly" attention with transformers)
-
-            kwargs["attn_implementation"] = "pixelfly"
-        super().__post_init__(**kwargs)
 
 
 def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, project: bool, n_iter: int = 3) -> None:
@@ -207,14 +191,10 @@ class PixelflyModelMixin:
         return super()._finalize_model_loading(model, load_config, loading_info)
 
     def sparsity_summary(self) -> dict:
-        from ..mapping import sparsity_summary
-
         return sparsity_summary(self)
 
     def print_sparsity_summary(self) -> dict:
         """Print per replaced matrix: shape, layout, density, params and FLOPs saved; return the numbers as a dict."""
-        from ..mapping import format_sparsity_summary
-
         summary = self.sparsity_summary()
         print(format_sparsity_summary(summary))
         return summary

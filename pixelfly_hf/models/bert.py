@@ -3,19 +3,13 @@ from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
 )
 
-from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
-
-
-class PixelflyBertConfig(PixelflyConfigMixin, BertConfig):
-    model_type = "pixelfly_bert"
-    pixelfly: dict | None = None
-    pixelfly_attention: dict | None = None
+from pixelfly_hf.models.base import Architecture, PixelflyModelMixin, register_architecture
+from pixelfly_hf.models.configs import PixelflyBertConfig
 
 
 class PixelflyBertModel(PixelflyModelMixin, BertModel):

@@ -3,19 +3,13 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
 )
 
-from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
-
-
-class PixelflyGPT2Config(PixelflyConfigMixin, GPT2Config):
-    model_type = "pixelfly_gpt2"
-    pixelfly: dict | None = None
-    pixelfly_attention: dict | None = None
+from pixelfly_hf.models.base import Architecture, PixelflyModelMixin, register_architecture
+from pixelfly_hf.models.configs import PixelflyGPT2Config
 
 
 class PixelflyGPT2Model(PixelflyModelMixin, GPT2Model):

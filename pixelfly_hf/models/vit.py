@@ -1,14 +1,9 @@
 """Pixelfly ViT (transformers >= 5.9 layout: layers[i].attention.{q,k,v,o}_proj, layers[i].mlp.{fc1,fc2})."""
-from transformers import AutoModel, AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+from transformers import AutoModel, AutoModelForImageClassification, ViTForImageClassification, ViTModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from pixelfly_hf.models.base import Architecture, PixelflyConfigMixin, PixelflyModelMixin, register_architecture
-
-
-class PixelflyViTConfig(PixelflyConfigMixin, ViTConfig):
-    model_type = "pixelfly_vit"
-    pixelfly: dict | None = None
-    pixelfly_attention: dict | None = None
+from pixelfly_hf.models.base import Architecture, PixelflyModelMixin, register_architecture
+from pixelfly_hf.models.configs import PixelflyViTConfig
 
 
 class PixelflyViTModel(PixelflyModelMixin, ViTModel):

@@ -1,22 +1,20 @@
-"""Pixelfly attention for transformers: settings, the registered "pixelfly" attention function and
-mask function, and dispatch between dense SDPA, the PyTorch reference, our Triton kernels
-(``pixelfly_kernels.block_sparse_attention``) and FlexAttention.
+"""Pixelfly attention for transformers: the registered "pixelfly" attention function and mask function, and
+dispatch between dense SDPA, the PyTorch reference, our Triton kernels (``pixelfly_kernels.block_sparse_attention``)
+and FlexAttention.
 
-Math (see ``pixelfly_kernels.butterfly_attention``): one softmax over the union of a flat block
-butterfly pattern over sequence blocks (+ neighbouring blocks), the first ``low_rank`` positions as
-global tokens (keys for everyone; also queries over everything when bidirectional), causality and
-the padding mask. Decode steps: the query at absolute position p (= kv_len - q_len + i with a
-KV cache) attends to exactly the keys allowed for p in a full forward, so cached and uncached
-generation agree.
+Math (see ``pixelfly_kernels.butterfly_attention``): one softmax over the union of a flat block butterfly pattern
+over sequence blocks (+ neighbouring blocks), the first ``n_global_tokens`` positions as global tokens (keys for
+everyone; also queries over everything when bidirectional), causality and the padding mask. Decode steps: the query
+at absolute position p (= kv_len - q_len + i with a KV cache) attends to exactly the keys allowed for p in a full
+forward, so cached and uncached generation agree.
 
-Usage: ``import pixelfly_hf`` registers "pixelfly"; a model then needs
-``config.pixelfly_attention = AttentionSettings(...).to_dict()`` and ``attn_implementation="pixelfly"``.
+Usage: importing this module registers "pixelfly" (``get_model`` and Pixelfly configs with attention settings do
+it); a model then needs ``config.pixelfly_attention = PixelflyAttentionConfig(...).to_dict()`` and
+``attn_implementation="pixelfly"``.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from functools import lru_cache
 
 import torch
@@ -24,11 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from pixelfly_kernels.attention_reference import (
-    masked_softmax_attention,
-    random_feature_projection,
-    sparse_performer_attention,
-)
+from pixelfly_kernels.attention_reference import masked_softmax_attention
 from pixelfly_kernels import block_sparse_attention as block_sparse
 from pixelfly_kernels.butterfly_attention import (
     PatternSpec,
@@ -36,119 +30,49 @@ from pixelfly_kernels.butterfly_attention import (
     dense_pattern,
     flex_pixelfly_attention,
     key_padding_from_mask,
-    sparse_part_allows,
 )
+
+from ..config import PixelflyAttentionConfig
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "pixelfly"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOW_RANK_KINDS = ("global_tokens", "performer")
 # FlexAttention needs BlockMask blocks that its GPU tiles divide (64-token blocks fail in backward); our kernels'
 # tiles are up to 128 rows (block_sparse_attention.MIN_BLOCK_SIZE).
 MIN_GPU_BLOCK_SIZE = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionSettings:
-    """Pixelfly attention options (stored as a plain dict in ``config.pixelfly_attention``).
-
-    block_size: tokens per sequence block (kernel tile; >= 128 for the GPU path, small in tests).
-    butterfly_size: period of the XOR pattern in blocks (power of two >= 2**n_factors), or None for
-        no period (each block links to blocks within its aligned group of 2**n_factors blocks).
-        With a period P, block i also reaches blocks j with (i XOR j) mod P in the set, i.e. a
-        strided long-range pattern of density about (n_factors + 1) / P.
-    n_factors: number of butterfly factors k; block (i, j) allowed iff i XOR j in {0, 1, ..., 2**(k-1)}.
-    low_rank: size of the global term: number of global tokens (the first positions), or of random
-        features for low_rank_kind="performer". Keep global tokens a multiple of block_size: then the
-        Triton kernels apply (they take whole tiles only); other counts run on FlexAttention, where 64
-        tokens were 1.1-1.3x slower fwd+bwd than 128 at S=4096 on an H200 (benchmarks/tune_attention.py).
-    low_rank_kind: "global_tokens" (the fast GPU path) or "performer" (Scatterbrain-style
-        random features; PyTorch reference only, O(S^2) memory, for quality comparisons).
-    min_seq_len_for_sparse: shorter sequences use dense SDPA.
-    max_density_for_sparse: sequences whose tile density exceeds this use dense SDPA (the sparse
-        kernels run at 0.5-0.7x of cuDNN's rate per visited tile on an H200, so they cannot win above ~0.5).
-    seed: seed of the random-feature projection (performer only).
-    """
-
-    block_size: int = 128
-    butterfly_size: int | None = None
-    n_factors: int = 3
-    low_rank: int = 128
-    low_rank_kind: str = "global_tokens"
-    min_seq_len_for_sparse: int = 2048
-    max_density_for_sparse: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        def fail(name, value, fix):
-            raise ValueError(f"pixelfly_attention.{name}={value!r} is invalid: {fix}")
-
-        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
-            fail("block_size", self.block_size, "use a power of two >= 16 (128 on GPU)")
-        if not isinstance(self.n_factors, int) or self.n_factors < 1:
-            fail("n_factors", self.n_factors, "use an integer >= 1")
-        if self.butterfly_size is not None:
-            bs = self.butterfly_size
-            if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
-                fail("butterfly_size", bs, "use a power of two >= 2 (a number of sequence blocks) or None")
-            if 2**self.n_factors > bs:
-                fail("n_factors", self.n_factors, f"use n_factors <= log2(butterfly_size) = {int(math.log2(bs))}")
-        if not isinstance(self.low_rank, int) or self.low_rank < 0:
-            fail("low_rank", self.low_rank, "use an integer >= 0 (0 disables the global term)")
-        if self.low_rank_kind not in LOW_RANK_KINDS:
-            fail("low_rank_kind", self.low_rank_kind, f"use one of {LOW_RANK_KINDS}")
-        if not isinstance(self.min_seq_len_for_sparse, int) or self.min_seq_len_for_sparse < 0:
-            fail("min_seq_len_for_sparse", self.min_seq_len_for_sparse, "use an integer >= 0")
-        if not 0 < self.max_density_for_sparse <= 1:
-            fail("max_density_for_sparse", self.max_density_for_sparse, "use a number in (0, 1]")
-
-    @classmethod
-    def from_dict(cls, options: dict | None) -> "AttentionSettings":
-        options = dict(options or {})
-        unknown = sorted(set(options) - _SETTING_NAMES)
-        if unknown:
-            raise ValueError(f"unknown pixelfly_attention option(s) {unknown}; known options: {sorted(_SETTING_NAMES)}")
-        return cls(**options)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def pattern(self) -> PatternSpec:
-        n_global = self.low_rank if self.low_rank_kind == "global_tokens" else 0
-        return PatternSpec(self.block_size, self.butterfly_size, self.n_factors, n_global)
-
-
-# read once here: dataclasses.fields() inside a torch.compile'd attention call would break the graph
-_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(AttentionSettings))
+def pattern_of(config: PixelflyAttentionConfig) -> PatternSpec:
+    return PatternSpec(config.block_size, config.butterfly_size, config.n_factors, config.n_global_tokens)
 
 
 @lru_cache(maxsize=32)
-def _settings_from_items(items: tuple) -> AttentionSettings:
-    return AttentionSettings.from_dict(dict(items))
+def _config_from_items(items: tuple) -> PixelflyAttentionConfig:
+    return PixelflyAttentionConfig.from_dict(dict(items))
 
 
-def settings_of(module: torch.nn.Module) -> AttentionSettings:
+def settings_of(module: torch.nn.Module) -> PixelflyAttentionConfig:
     """The settings in ``module.config.pixelfly_attention`` (defaults when absent)."""
     options = getattr(getattr(module, "config", None), "pixelfly_attention", None)
-    if isinstance(options, AttentionSettings):
+    if isinstance(options, PixelflyAttentionConfig):
         return options
     if options is not None and not isinstance(options, dict):
         raise TypeError(
             f"config.pixelfly_attention must be a dict, got {type(options).__name__}; "
-            "store AttentionSettings(...).to_dict()"
+            "store PixelflyAttentionConfig(...).to_dict()"
         )
-    return _settings_from_items(tuple(sorted((options or {}).items())))
+    return _config_from_items(tuple(sorted((options or {}).items())))
 
 
-def choose_attention(seq_len: int, settings: AttentionSettings | None = None, causal: bool = True) -> str:
+def choose_attention(seq_len: int, settings: PixelflyAttentionConfig | None = None, causal: bool = True) -> str:
     """"pixelfly" or "sdpa" for a sequence of ``seq_len`` tokens: dense SDPA where sparse cannot win
     (too short, or tile density above ``max_density_for_sparse``). Depends only on the length and
     the settings, never on the device, so CPU and GPU compute the same function. Logs its choice
     once per (seq_len, settings, causal)."""
-    settings = settings or AttentionSettings()
-    return _choose_attention(seq_len, *settings.pattern(), settings.min_seq_len_for_sparse,
+    settings = settings or PixelflyAttentionConfig()
+    return _choose_attention(seq_len, *pattern_of(settings), settings.min_seq_len_for_sparse,
                              settings.max_density_for_sparse, causal)
 
 
@@ -257,8 +181,8 @@ def pixelfly_attention_forward(
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = _as_keep(attention_mask)
-    spec = settings.pattern()
-    if settings.low_rank_kind == "global_tokens" and query.is_cuda and q_len == kv_len:
+    spec = pattern_of(settings)
+    if query.is_cuda and q_len == kv_len:
         if settings.block_size < MIN_GPU_BLOCK_SIZE:
             raise ValueError(
                 f"pixelfly attention: block_size={settings.block_size} is below {MIN_GPU_BLOCK_SIZE}, the "
@@ -266,7 +190,7 @@ def pixelfly_attention_forward(
             )
         out = _gpu_pixelfly_attention(query, key, value, spec, causal, scale, keep)
     else:
-        out = reference_pixelfly_attention(query, key, value, keep, settings, causal, scale)
+        out = reference_pixelfly_attention(query, key, value, keep, spec, causal, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -286,32 +210,17 @@ def reference_pixelfly_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     keep: torch.Tensor | None,
-    settings: AttentionSettings,
+    spec: PatternSpec,
     causal: bool,
     scale: float,
 ) -> torch.Tensor:
     """PyTorch reference (B, H, S, D) -> (B, H, S, D). With a KV cache (q_len < kv_len, causal) the
     queries are the last q_len positions."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    spec = settings.pattern()
-    offset = kv_len - q_len
-    allowed = dense_pattern(q_len, kv_len, spec, causal, device=query.device, q_offset=offset)
+    allowed = dense_pattern(q_len, kv_len, spec, causal, device=query.device, q_offset=kv_len - q_len)
     if keep is not None:
         allowed = allowed & keep
-    if settings.low_rank_kind == "global_tokens":
-        return masked_softmax_attention(query, key, value, allowed, scale)
-    q_idx = torch.arange(q_len, device=query.device)[:, None] + offset
-    kv_idx = torch.arange(kv_len, device=query.device)[None, :]
-    sparse = sparse_part_allows(q_idx, kv_idx, spec, causal)
-    proj = _feature_projection(settings.low_rank, query.shape[-1], settings.seed, query.device)
-    return sparse_performer_attention(query, key, value, allowed, sparse, proj, scale)
-
-
-@lru_cache(maxsize=16)
-def _feature_projection(n_features: int, head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
-    if n_features < 1:
-        raise ValueError("pixelfly_attention.low_rank=0 with low_rank_kind='performer': use low_rank >= 1 features")
-    return random_feature_projection(n_features, head_dim, seed, device)
+    return masked_softmax_attention(query, key, value, allowed, scale)
 
 
 AttentionInterface.register(ATTENTION_NAME, pixelfly_attention_forward)

@@ -1,0 +1,80 @@
+"""The import graph as a user meets it: each module imports alone in a fresh interpreter (no circle held together
+by import order), `import pixelfly_hf` leaves the heavy stack unloaded, and the Auto classes still find the
+Pixelfly models."""
+import json
+import os
+import subprocess
+import sys
+
+MODULES = [
+    "pixelfly_hf.config",
+    "pixelfly_hf.patterns",
+    "pixelfly_hf.summary",
+    "pixelfly_hf.layers.attention",
+    "pixelfly_hf.models.configs",
+    "pixelfly_hf.models.base",
+    "pixelfly_hf.models.gpt2",
+    "pixelfly_hf.mapping",
+]
+# loaded only once a layer, the planner, get_model or Pixelfly attention is used
+HEAVY = ["pixelfly_kernels", "triton", "torch._dynamo", "transformers.modeling_utils",
+         "transformers.models.gpt2.modeling_gpt2", "pixelfly_hf.layers", "pixelfly_hf.mapping"]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _imported(importtime_log: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+def test_each_module_imports_first_and_mapping_is_imported_by_none():
+    """Each module imported first, with every pixelfly_hf module forgotten before (the third-party stack stays
+    loaded, which keeps this to one interpreter): a module in a circle fails when imported first, its partner
+    finding it half-initialised. Only mapping itself may load mapping (mapping imports models, never the reverse)."""
+    code = (
+        "import importlib, json, sys\n"
+        "loaded_mapping = {}\n"
+        f"for module in {MODULES!r}:\n"
+        "    for name in [n for n in sys.modules if n == 'pixelfly_hf' or n.startswith('pixelfly_hf.')]:\n"
+        "        del sys.modules[name]\n"
+        "    importlib.import_module(module)\n"
+        "    loaded_mapping[module] = 'pixelfly_hf.mapping' in sys.modules\n"
+        "print(json.dumps(loaded_mapping))\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded_mapping = json.loads(result.stdout)
+    assert list(loaded_mapping) == MODULES
+    assert [module for module, loaded in loaded_mapping.items() if loaded] == ["pixelfly_hf.mapping"]
+
+
+def test_import_pixelfly_hf_leaves_the_heavy_modules_unloaded():
+    result = _python("import pixelfly_hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = _imported(result.stderr)
+    assert "pixelfly_hf.models.configs" in imported  # the log is read correctly
+    assert [name for name in HEAVY if name in imported] == []
+
+
+def test_auto_classes_load_a_saved_pixelfly_model_after_a_bare_import(tmp_path):
+    """Saved here, loaded in a process that imports only pixelfly_hf: its model classes register lazily."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=50, n_positions=32))
+    config = PixelflyConfig(target_modules=["mlp"], butterfly_size=2, n_factors=1, low_rank=0, block_size=16)
+    get_model(model, config).save_pretrained(tmp_path)
+    load = (
+        "import pixelfly_hf\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "print(type(model).__name__, type(model.transformer.h[0].mlp.c_fc).__name__)\n"
+    )
+    result = _python(load)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["PixelflyGPT2LMHeadModel", "PixelflyLinear"]
