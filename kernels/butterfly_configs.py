@@ -79,31 +79,35 @@ class DwConfig:
 # rows/cols are the tile's (q, p) and k runs over tokens. The large tiles also come as TMA variants, and for the
 # forward/dX kernel the largest TMA tiles also as persistent variants: the autotuner decides per shape what pays.
 _TILES = [
-    Tile(128, 128, 64, 8, 3), Tile(128, 128, 64, 4, 4), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4), Tile(256, 128, 64, 8, 4),
-    Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4), Tile(64, 32, 32, 4, 4),
+    Tile(128, 128, 64, 8, 3), Tile(128, 128, 64, 4, 4), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4),
+    Tile(256, 128, 64, 8, 4), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4),
+    Tile(64, 32, 32, 4, 4),
     Tile(256, 64, 64, 8, 3),  # narrow patches (q = 64): more rows per program reuse each weight tile more
 ]
-_DW_SMALL_TILES = [Tile(32, 64, 64, 4, 4), Tile(32, 128, 64, 4, 4)]  # patches of <= 32 rows (q = 24); too short for wgmma
+# patches of <= 32 rows (q = 24); too short for wgmma
+_DW_SMALL_TILES = [Tile(32, 64, 64, 4, 4), Tile(32, 128, 64, 4, 4)]
 # 32-wide N or K for patches that narrow (1024 -> 4096 at butterfly size 32: 32-wide input patches) or that 32 tiles
 # exactly and 64 does not (96, 160); the pruning offers them only there, so other patches keep their tuning time
-_NARROW_TILES = [Tile(128, 32, 64, 4, 4), Tile(256, 32, 64, 8, 4), Tile(128, 128, 32, 8, 4), Tile(128, 256, 32, 8, 4), Tile(256, 128, 32, 8, 4)]
-_TMA_TILES = [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4), Tile(256, 128, 64, 8, 4), Tile(128, 64, 64, 4, 4),
-              Tile(256, 64, 64, 8, 3)]
-_PERSISTENT_TILES = [Tile(128, 128, 64, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4), Tile(256, 128, 64, 8, 3),
-                     Tile(128, 128, 32, 8, 4), Tile(256, 32, 64, 8, 4)]
+_NARROW_TILES = [Tile(128, 32, 64, 4, 4), Tile(256, 32, 64, 8, 4), Tile(128, 128, 32, 8, 4), Tile(128, 256, 32, 8, 4),
+                 Tile(256, 128, 32, 8, 4)]
+_TMA_TILES = [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4), Tile(256, 128, 64, 8, 4),
+              Tile(128, 64, 64, 4, 4), Tile(256, 64, 64, 8, 3)]
+_PERSISTENT_TILES = [Tile(128, 128, 64, 8, 4), Tile(128, 256, 64, 8, 3), Tile(128, 256, 64, 8, 4),
+                     Tile(256, 128, 64, 8, 3), Tile(128, 128, 32, 8, 4), Tile(256, 32, 64, 8, 4)]
 # K steps across the slots (flat_k; pointer loads): for K patches no power-of-2 step divides
-_FLAT_K_TILES = [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(256, 128, 64, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4),
-                 Tile(128, 128, 32, 8, 4)]
+_FLAT_K_TILES = [Tile(128, 128, 64, 8, 3), Tile(128, 256, 64, 8, 3), Tile(256, 128, 64, 8, 3), Tile(128, 64, 64, 4, 4),
+                 Tile(64, 128, 64, 4, 4), Tile(128, 128, 32, 8, 4)]
 # one tile per patch, block_n columns plus a narrower power-of-2 rest (full_patch_n), for patch widths that are not a
 # power of 2: 48 = 32 + 16, 80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64, 320 = 256 + 64
-_FULL_N_TILES = [Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 64, 64, 4, 4), Tile(128, 32, 64, 4, 4), Tile(256, 32, 64, 8, 3),
-                 Tile(64, 256, 64, 8, 3)]
+_FULL_N_TILES = [Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 64, 64, 4, 4), Tile(128, 32, 64, 4, 4),
+                 Tile(256, 32, 64, 8, 3), Tile(64, 256, 64, 8, 3)]
 # persistent with descriptor stores: the staging buffer costs shared memory, so one stage fewer on the largest tiles
-_PERSISTENT_STORE_TILES = [Tile(128, 128, 64, 8, 4), Tile(128, 256, 64, 8, 3), Tile(256, 128, 64, 8, 3), Tile(128, 128, 32, 8, 4)]
+_PERSISTENT_STORE_TILES = [Tile(128, 128, 64, 8, 4), Tile(128, 256, 64, 8, 3), Tile(256, 128, 64, 8, 3),
+                           Tile(128, 128, 32, 8, 4)]
 # dW tiles per slot (columns) when one program computes all F slots: the accumulator is rows x (F padded to a power of
 # 2) x cols, at most 128 x 256
-_ALL_SLOTS_TILES = [Tile(64, 64, 64, 4, 4), Tile(128, 64, 64, 8, 3), Tile(64, 32, 64, 4, 4), Tile(128, 32, 64, 8, 4), Tile(64, 128, 64, 4, 3),
-                    Tile(128, 128, 64, 8, 3)]
+_ALL_SLOTS_TILES = [Tile(64, 64, 64, 4, 4), Tile(128, 64, 64, 8, 3), Tile(64, 32, 64, 4, 4), Tile(128, 32, 64, 8, 4),
+                    Tile(64, 128, 64, 4, 3), Tile(128, 128, 64, 8, 3)]
 
 
 def _dw_configs(split_k: int, all_slots_tiles):
@@ -117,12 +121,13 @@ def _dw_configs(split_k: int, all_slots_tiles):
 
 DW_CONFIGS = _dw_configs(1, _ALL_SLOTS_TILES[:2])
 # the token-split kernel (shapes with less than a wave of tiles), its partial tiles added atomically into fp32: every
-# config of the direct kernel as one share (without them three shapes lost their direct winner and got slower), all-slot tiles, and the per-slot tiles these shapes pick, in 2 or 4 shares
+# config of the direct kernel as one share (without them three shapes lost their direct winner and got slower),
+# all-slot tiles, and the per-slot tiles these shapes pick, in 2 or 4 shares
+_SPLIT_TILES = [Tile(128, 64, 64, 4, 4), Tile(64, 64, 64, 4, 4), Tile(128, 128, 64, 4, 4), Tile(128, 128, 64, 8, 3),
+                Tile(64, 128, 64, 4, 4), Tile(128, 32, 64, 4, 4), Tile(32, 128, 64, 4, 4)]
 DW_SPLIT_CONFIGS = (_dw_configs(1, _ALL_SLOTS_TILES)
                     + [DwConfig(*t, all_slots=True, split_k=s) for t in _ALL_SLOTS_TILES for s in (2, 4)]
-                    + [DwConfig(*t, split_k=s) for t in (Tile(128, 64, 64, 4, 4), Tile(64, 64, 64, 4, 4), Tile(128, 128, 64, 4, 4),
-                                                           Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 32, 64, 4, 4),
-                                                           Tile(32, 128, 64, 4, 4)) for s in (2, 4)]
+                    + [DwConfig(*t, split_k=s) for t in _SPLIT_TILES for s in (2, 4)]
                     + [DwConfig(128, 64, 64, 4, 4, use_tma=True, split_k=s) for s in (2, 4)])
 MM_CONFIGS = ([MatmulConfig(*t) for t in _TILES + _NARROW_TILES]
               + [MatmulConfig(*t, use_tma=True) for t in _TMA_TILES + _NARROW_TILES]
@@ -130,11 +135,13 @@ MM_CONFIGS = ([MatmulConfig(*t) for t in _TILES + _NARROW_TILES]
               + [MatmulConfig(*t, use_tma=True, persistent=True, tma_store=True) for t in _PERSISTENT_STORE_TILES]
               # the usual persistent winners again, walking 8 row blocks across all patches at a time
               + [MatmulConfig(*t, use_tma=True, persistent=True, tma_store=store, group_m=8)
-                 for t, store in ((Tile(128, 256, 64, 8, 4), False), (Tile(256, 128, 64, 8, 3), False), (Tile(128, 256, 64, 8, 3), True))]
+                 for t, store in ((Tile(128, 256, 64, 8, 4), False), (Tile(256, 128, 64, 8, 3), False),
+                                  (Tile(128, 256, 64, 8, 3), True))]
               + [MatmulConfig(*t, flat_k=True) for t in _FLAT_K_TILES]
               # the same K walk in persistent programs, whose descriptor stores let the next tile's loads run
               + [MatmulConfig(*t, persistent=True, tma_store=store, flat_k=True)
-                 for t, store in ((Tile(128, 128, 64, 8, 3), False), (Tile(128, 128, 64, 8, 3), True), (Tile(128, 256, 64, 8, 3), True))]
+                 for t, store in ((Tile(128, 128, 64, 8, 3), False), (Tile(128, 128, 64, 8, 3), True),
+                                  (Tile(128, 256, 64, 8, 3), True))]
               + [MatmulConfig(*t, full_patch_n=True) for t in _FULL_N_TILES]
               + [MatmulConfig(*t, use_tma=True, full_patch_n=True) for t in _FULL_N_TILES[:3]]
               + [MatmulConfig(128, 128, 64, 8, 4, use_tma=True, persistent=True, full_patch_n=True),

@@ -12,17 +12,17 @@ import triton
 from torch.library import wrap_triton
 
 from .autotune import GraphTimedAutotuner
-from .butterfly_configs import DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, DwConfig, MatmulConfig, prune_dw, prune_matmul, whole_k_tiles
+from .butterfly_configs import (DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, DwConfig, MatmulConfig, prune_dw, prune_matmul,
+                                whole_k_tiles)
 from .butterfly_kernels import butterfly_dw_kernel, butterfly_mm_kernel, config_rest, rest_width
 from .launch_cache import launch_tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# RANK_BLOCK in the key: the low-rank segment changes what is fastest
 _butterfly_mm_tuned = GraphTimedAutotuner(
-    butterfly_mm_kernel, MM_CONFIGS,
-    key=["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "RANK_BLOCK", "TMA_ALIGNED"],  # the low-rank segment changes what is fastest
-    prune=prune_matmul,
-)
+    butterfly_mm_kernel, MM_CONFIGS, ["M", "N_PATCH", "K_PATCH", "F", "PARTNER_WEIGHT", "RANK_BLOCK", "TMA_ALIGNED"],
+    prune_matmul)
 _DW_KEY = ["M", "Q", "P", "F", "TMA_ALIGNED"]
 _butterfly_dw_tuned = GraphTimedAutotuner(butterfly_dw_kernel, DW_CONFIGS, _DW_KEY, prune_dw)
 # the autotuner runs every config into the same buffer: zero it before each (and before the chosen one's real run)

@@ -55,7 +55,8 @@ def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
 
 @interpreted
 def test_tables_list_blocks_and_launch_heavy_blocks_first():
-    tables = launch.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"), launch.HEAVY_BLOCK_FACTOR)
+    tables = launch.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"),
+                                 launch.HEAVY_BLOCK_FACTOR)
     # causal: query block 5 sees the global block 0, its XOR partners 4 and 7 (not: later), and its neighbour 4
     assert tables.rows[5, : tables.n_rows[5]].tolist() == [0, 4]
     # the global key block is seen by every later query block: the one heavy column, launched first

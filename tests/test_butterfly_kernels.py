@@ -138,7 +138,7 @@ def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, fl
 
 
 def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
-    """Before 32-wide tiles existed, a 32-wide patch (1024 -> 4096 at butterfly size 32) got one 64x32x32 config;
+    """Without 32-wide tiles a 32-wide patch (1024 -> 4096 at butterfly size 32) would get one 64x32x32 config;
     patches that 64 divides must not pay tuning time for 32-wide tiles."""
     def offered(n_patch, k_patch, tma_aligned=True):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=tma_aligned)
@@ -274,8 +274,9 @@ def test_dw_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags):
     torch.manual_seed(zlib.crc32(repr((dtype, flags)).encode()))
     for shape, block_n in (((37, 96, 192, 2, 1), 32), ((23, 320, 160, 2, 1), 128), ((29, 160, 320, 2, 1), 64)):
         layout, weight, dense, x, grad = make_case(*shape, dtype)
+        config = DwConfig(16, block_n, 16, 4, 1, **flags, full_patch_n=True)
         dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
-                                             out=torch.full_like(weight, float("nan")), config=DwConfig(16, block_n, 16, 4, 1, **flags, full_patch_n=True))
+                                             out=torch.full_like(weight, float("nan")), config=config)
         dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
         assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype], layout.tile_shape
 
