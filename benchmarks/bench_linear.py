@@ -36,7 +36,7 @@ import triton
 from pixelfly_hf import PixelflyLinear
 import timing  # benchmarks/timing.py
 from timing import median_ms
-from pixelfly_kernels import butterfly_matmul as kernels
+from pixelfly_kernels import butterfly_launch as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 
 SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1280, 5120), (4096, 4096)]

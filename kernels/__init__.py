@@ -1,17 +1,13 @@
 """pixelfly_kernels: butterfly-sparse matmul kernels (Triton) and their PyTorch reference, as torch ops; the Pixelfly
-attention pattern with its FlexAttention path and Triton kernels."""
-import importlib.util
-import sys
+attention pattern with its FlexAttention path and Triton kernels.
 
-if __name__ != "pixelfly_kernels" and importlib.util.find_spec("pixelfly_kernels") is not None:
-    # this folder imported under its own name, `kernels` (the repo root on sys.path: `python -c` or a REPL there;
-    # transformers imports `kernels` while probing for the Hub kernels library): hand back the installed package
-    # instead of running a second copy, whose op registrations would clash with the first (a crash in the op
-    # dispatcher, seen in CI)
-    import pixelfly_kernels
+Import the modules, not this package: it imports nothing, so the folder imported a second time under its own name
+`kernels` (the repo root on sys.path, where transformers' probe for the Hub `kernels` library imports it) registers
+no torch op twice.
 
-    sys.modules[__name__] = pixelfly_kernels
-else:
-    from .ops import BACKENDS, butterfly_linear, butterfly_mm, butterfly_mm_dw, butterfly_mm_t
-
-    __all__ = ["BACKENDS", "butterfly_linear", "butterfly_mm", "butterfly_mm_t", "butterfly_mm_dw"]
+  butterfly products   reference.py (PyTorch) | butterfly_kernels.py (Triton) <- butterfly_configs.py, autotune.py
+                       (parallel_compile.py) <- butterfly_launch.py <- ops.py (torch ops: butterfly_linear, ...)
+  attention            butterfly_attention.py (pattern, FlexAttention) | attention_reference.py (PyTorch)
+                       attention_kernels.py (Triton) <- attention_launch.py <- block_sparse_attention.py (torch ops)
+  both launchers       launch_cache.py (repeat calls skip Triton's launch path)
+"""

@@ -102,50 +102,16 @@ def _mask_mod_for(spec: PatternSpec, causal: bool, seq_len: int):
     return mask_mod
 
 
-def _partial_tile_mask_mod(causal: bool, seq_len: int):
-    """The only element masks left inside partial tiles when the pattern is whole blocks (global tokens filling
-    block 0): causality on the diagonal tiles and the padded tail. A few integer ops per score instead of the
-    pattern's XOR arithmetic, which FlexAttention evaluates for every score of a partial tile, forward and backward."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = kv_idx < seq_len
-        return keep & (kv_idx <= q_idx) if causal else keep
-
-    return mask_mod
-
-
-def _agrees_on_partial_tiles(block_mask: BlockMask, mask_mod, exact_mod, seq_len: int) -> bool:
-    """Whether ``mask_mod`` equals ``exact_mod`` on every element of the partial tiles, for the real (unpadded)
-    query rows; padded rows are cut from the output, and their zero gradients reach nothing."""
-    bq, bk = block_mask.BLOCK_SIZE
-    counts, indices = block_mask.kv_num_blocks[0, 0], block_mask.kv_indices[0, 0]
-    q_block, slot = torch.nonzero(torch.arange(indices.shape[-1], device=counts.device)[None, :] < counts[:, None],
-                                  as_tuple=True)
-    if q_block.numel() == 0:
-        return True
-    q_idx = q_block[:, None, None] * bq + torch.arange(bq, device=counts.device)[None, :, None]
-    kv_idx = indices[q_block, slot][:, None, None] * bk + torch.arange(bk, device=counts.device)[None, None, :]
-    real = q_idx < seq_len
-    return bool(((mask_mod(0, 0, q_idx, kv_idx) == exact_mod(0, 0, q_idx, kv_idx)) | ~real).all())
-
-
 @lru_cache(maxsize=64)
-def get_block_mask(seq_len: int, spec: PatternSpec, causal: bool, device: torch.device,
-                   partial_tile_mask: bool = False) -> BlockMask:
+def get_block_mask(seq_len: int, spec: PatternSpec, causal: bool, device: torch.device) -> BlockMask:
     """Static BlockMask, built once per (sequence length, pattern, causal, device).
 
     Tiles wholly inside the pattern become "full" blocks (FlexAttention skips mask_mod there); only
     causal diagonals, global-token edges and the padded tail are "partial".
-
-    ``partial_tile_mask=True`` (a benchmark variant, benchmarks/tune_attention.py): where the partial tiles need no
-    more than causality and the tail (checked element by element here), the mask carries that cheaper mask_mod
-    instead of the pattern's. It is right only for FlexAttention's compiled kernels, which skip empty blocks and
-    apply mask_mod to partial blocks alone; eager FlexAttention (CPU, or a torch.compile backend such as
-    aot_eager) applies mask_mod to every score and would lose the sparsity, so it is not the default.
     """
     padded = -(-seq_len // spec.block_size) * spec.block_size
-    exact_mod = _mask_mod_for(spec, causal, seq_len)
-    exact = create_block_mask(
-        exact_mod,
+    return create_block_mask(
+        _mask_mod_for(spec, causal, seq_len),
         B=None,
         H=None,
         Q_LEN=padded,
@@ -155,14 +121,6 @@ def get_block_mask(seq_len: int, spec: PatternSpec, causal: bool, device: torch.
         # compiled construction avoids materialising the padded**2 mask on GPU; eager on CPU (tests)
         _compile=device.type == "cuda",
     )
-    if not partial_tile_mask:
-        return exact
-    cheap_mod = _partial_tile_mask_mod(causal, seq_len)
-    if not _agrees_on_partial_tiles(exact, cheap_mod, exact_mod, seq_len):
-        return exact  # e.g. global tokens covering part of a block
-    return BlockMask.from_kv_blocks(exact.kv_num_blocks, exact.kv_indices, exact.full_kv_num_blocks,
-                                    exact.full_kv_indices, BLOCK_SIZE=exact.BLOCK_SIZE, mask_mod=cheap_mod,
-                                    seq_lengths=exact.seq_lengths)
 
 
 def _flex_plain(q, k, v, block_mask, scale, kernel_options):
@@ -228,19 +186,17 @@ def flex_pixelfly_attention(
     keep: torch.Tensor | None = None,
     kernel_options: dict | None = None,
     compile_mode: str | None = None,
-    partial_tile_mask: bool = False,
 ) -> torch.Tensor:
     """Pixelfly attention through FlexAttention; q/k/v (B, H, S, D), equal lengths. ``keep`` is an
     optional (B, 1 or H, S, S) bool mask (True = may attend) ANDed with the pattern. Sequences are
     zero-padded to a multiple of the block size and the output is cut back. Returns (B, H, S, D).
-    ``kernel_options`` / ``compile_mode`` go to flex_attention / torch.compile and ``partial_tile_mask`` to
-    get_block_mask (benchmark variants)."""
+    ``kernel_options`` / ``compile_mode`` go to flex_attention / torch.compile (benchmark variants)."""
     b, _, s, _ = query.shape
     padded = -(-s // spec.block_size) * spec.block_size
     pad = padded - s
     if pad:
         query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-    block_mask = get_block_mask(s, spec, causal, query.device, partial_tile_mask)
+    block_mask = get_block_mask(s, spec, causal, query.device)
     device = query.device
     if keep is None:
         out = _maybe_compiled(_flex_plain, device, compile_mode)(query, key, value, block_mask, scale, kernel_options)

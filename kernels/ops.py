@@ -3,7 +3,7 @@
 They are `triton_op`s: torch.compile traces their bodies, so Inductor launches the Triton kernels from its own
 generated code (no Python per call, CUDA-graph friendly) and no graph breaks. Eager callers use `butterfly_linear`,
 which runs the same forward and backward through a plain autograd.Function: the custom-op dispatch and its generated
-backward node cost more host time per call than the short kernels run (benchmarks/NOTES.md, v15). `backend` picks
+backward node cost more host time per call than the short kernels run (benchmarks/NOTES.md). `backend` picks
 the implementation: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device).
 """
 from typing import Optional
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from . import butterfly_matmul, reference
+from . import butterfly_launch, reference
 
 BACKENDS = ("triton", "reference")
 
@@ -20,7 +20,7 @@ def _impl(backend: str):
     if backend == "reference":
         return reference
     if backend == "triton":
-        return butterfly_matmul
+        return butterfly_launch
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
 
 

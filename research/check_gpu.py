@@ -16,6 +16,7 @@ forward and forward+backward of PixelflyLinear against nn.Linear (cuBLAS), media
 at its result, so a config that compiles wrongly on the GPU would otherwise only show where it happens to win.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -28,7 +29,8 @@ from torch import nn
 from pixelfly_hf import PixelflyLinear
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
 from timing import median_ms  # noqa: E402
-from pixelfly_kernels import butterfly_matmul as kernels
+from pixelfly_kernels import butterfly_launch as kernels
+from pixelfly_kernels.butterfly_configs import DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, prune_dw, prune_matmul
 from pixelfly_kernels.reference import butterfly_to_dense
 
 # (tokens, in, out, butterfly_size, n_factors): odd token counts, non-square and non-power-of-2 tiles
@@ -85,17 +87,9 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return buffer[1:].view(t.shape).copy_(t)
 
 
-def _explicit(config, names):
-    """A triton.Config as the launchers' explicit config tuple (tile, warps, stages, then the flags in order)."""
-    kw = config.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, *(kw[n] for n in names))
-
-
 def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_SHAPES, rank=32):
     """Relative error of every config the autotuner would try, per shape and product (forward and dX with bias and
     the rank-`rank` segment); outputs poisoned with NaN first."""
-    mm_flags = ("USE_TMA", "PERSISTENT", "TMA_STORE", "GROUP_M", "FLAT_K", "FULL_PATCH_N")
-    dw_flags = ("USE_TMA", "ALL_SLOTS", "SPLIT_K", "FULL_PATCH_N")
     rows = []
     for tokens, in_f, out_f, bs, k, *misaligned in shapes:
         q, p = out_f // bs, in_f // bs
@@ -111,25 +105,23 @@ def check_every_config(dtype=torch.bfloat16, device="cuda", shapes=EVERY_CONFIG_
         products = [("fwd", dict(N_PATCH=q, K_PATCH=p)), ("dX", dict(N_PATCH=p, K_PATCH=q))]
         for product, sizes in products:
             named = dict(M=tokens, TMA_ALIGNED=aligned, **sizes)
-            for config in kernels._prune(kernels.MM_CONFIGS, named, "M", "N_PATCH", "K_PATCH", "K_PATCH"):
-                explicit = _explicit(config, mm_flags)
+            for config in prune_matmul(MM_CONFIGS, named):
                 if product == "fwd":
-                    run = functools.partial(kernels.butterfly_matmul, x, w, b, x @ v.T, u, config=explicit,
+                    run = functools.partial(kernels.butterfly_matmul, x, w, b, x @ v.T, u, config=config,
                                             out=torch.full((tokens, out_f), float("nan"), device=device, dtype=dtype))
                 else:
-                    run = functools.partial(kernels.butterfly_matmul_t, g, w, g @ u, v, config=explicit,
+                    run = functools.partial(kernels.butterfly_matmul_t, g, w, g @ u, v, config=config,
                                             out=torch.full_like(x, float("nan")))
-                rows.append({"shape": label, "product": product, "config": explicit,
+                rows.append({"shape": label, "product": product, "config": dataclasses.astuple(config),
                              **_error_or_skip(run, lambda got: rel_err(got, want[product]))})
         named = dict(M=tokens, Q=q, P=p, F=k + 1, TMA_ALIGNED=aligned)
         # the split kernel's one-share configs are direct configs (explicit configs run them without the atomic
         # store; the split ones below exercise it)
-        split = [c for c in kernels.DW_SPLIT_CONFIGS if c.kwargs["SPLIT_K"] > 1]
-        for config in kernels._prune_dw(kernels.DW_CONFIGS + split, named):
-            explicit = _explicit(config, dw_flags)
+        split = [c for c in DW_SPLIT_CONFIGS if c.split_k > 1]
+        for config in prune_dw(DW_CONFIGS + split, named):
             run = functools.partial(kernels.butterfly_matmul_dw, g, x, k + 1, bs, out=torch.full_like(w, float("nan")),
-                                    config=explicit)
-            rows.append({"shape": label, "product": "dW", "config": explicit,
+                                    config=config)
+            rows.append({"shape": label, "product": "dW", "config": dataclasses.astuple(config),
                          **_error_or_skip(run, lambda got: rel_err(butterfly_to_dense(got.float()), want["dW"]))})
         mine = [r for r in rows if r["shape"] == rows[-1]["shape"]]
         ran = [r["err"] for r in mine if "skipped" not in r]

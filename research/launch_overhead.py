@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from pixelfly_hf import PixelflyLinear
-from pixelfly_kernels import butterfly_linear, butterfly_mm
-from pixelfly_kernels import butterfly_matmul as kernels
+from pixelfly_kernels import butterfly_launch as kernels
+from pixelfly_kernels.butterfly_kernels import butterfly_mm_kernel
+from pixelfly_kernels.ops import butterfly_linear, butterfly_mm
 from pixelfly_kernels import launch_cache
 
 
@@ -81,7 +82,7 @@ def main():
     # the compiled kernel the autotuner picked, launched with its bound arguments directly (no autotuner,
     # heuristics or argument binding): what a launcher of our own could at best get down to
     captured = {}
-    jit = kernels._butterfly_mm_kernel.fn
+    jit = butterfly_mm_kernel.fn
     original_run = jit.run
 
     def capture(*a, grid, warmup, **kw):

@@ -15,7 +15,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from pixelfly_hf import PixelflyLinear
-from pixelfly_kernels import butterfly_matmul as kernels
+from pixelfly_kernels import butterfly_launch as kernels
 
 
 def main():

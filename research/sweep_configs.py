@@ -9,6 +9,7 @@ For each config that the autotuner's own pruning keeps for this product, the med
 speed), then the autotuner's pick through the normal launch path.
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,16 +19,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
 from timing import median_ms  # noqa: E402
-from pixelfly_kernels import butterfly_matmul as kernels
+from pixelfly_kernels import butterfly_launch as kernels
+from pixelfly_kernels.butterfly_configs import DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, prune_dw, prune_matmul
 
 PRODUCTS = ("fwd", "dx", "dw")
-
-
-def config_tuple(config):
-    kw = config.kwargs
-    flags = (("ALL_SLOTS", False), ("SPLIT_K", 1)) if "SPLIT_K" in kw else (("PERSISTENT", False), ("TMA_STORE", False), ("GROUP_M", 0), ("FLAT_K", False))
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, kw["USE_TMA"],
-            *(kw.get(name, default) for name, default in flags))
 
 
 def candidates(product, tokens, q, p, x, g, w):
@@ -36,14 +31,12 @@ def candidates(product, tokens, q, p, x, g, w):
     # runs it (plain store); the split kernel runs it with atomic fp32 adds, a memset and a cast
     if product == "dw":
         named = dict(M=tokens, Q=q, P=p, F=w.shape[1], TMA_ALIGNED=kernels._tma_aligned(g, x))
-        kept = kernels._prune_dw(kernels.DW_CONFIGS + kernels.DW_SPLIT_CONFIGS, named)
-        return list(dict.fromkeys(config_tuple(c) for c in kept))
+        return list(dict.fromkeys(prune_dw(DW_CONFIGS + DW_SPLIT_CONFIGS, named)))
     n_patch, k_patch = (q, p) if product == "fwd" else (p, q)
     a = x if product == "fwd" else g
     out = torch.empty(tokens, w.shape[0] * n_patch, device=a.device, dtype=a.dtype)
     named = dict(M=tokens, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=kernels._tma_aligned(a, w.view(-1, p), out))
-    kept = kernels._prune(kernels.MM_CONFIGS, named, "M", "N_PATCH", "K_PATCH", "K_PATCH")
-    return [config_tuple(c) for c in kept]
+    return prune_matmul(MM_CONFIGS, named)
 
 
 def launcher(product, w, n_slots, butterfly_size):
@@ -71,7 +64,7 @@ def sweep(tokens, in_f, out_f, bs, k, product, repeat, max_configs, device, dtyp
                 times[config].append(median_ms(lambda x, g: run(x, g, config), list(zip(xs, gs))))
             except Exception as err:  # e.g. out of shared memory on this GPU: report it, keep sweeping
                 errors[config] = f"{type(err).__name__}: {err}"[:160]
-    rows = [{"config": list(c), "ms": times[c], "error": errors.get(c)} for c in configs]
+    rows = [{"config": list(dataclasses.astuple(c)), "ms": times[c], "error": errors.get(c)} for c in configs]
     rows.sort(key=lambda r: min(r["ms"]) if r["ms"] else float("inf"))
     picked_ms = median_ms(lambda x, g: run(x, g, None), list(zip(xs, gs)))
     tuned = (kernels._butterfly_dw_tuned, kernels._butterfly_dw_split_tuned) if product == "dw" else (kernels._butterfly_mm_tuned,)
@@ -105,7 +98,7 @@ def main(argv=None):
     print(f"{name}  torch {torch.__version__}  triton {triton.__version__}  {args.product} {in_f}->{out_f} "
           f"bs={bs} k={k} tokens={tokens}", flush=True)
     rows, picked = sweep(tokens, in_f, out_f, bs, k, args.product, args.repeat, max_configs, device, dtype)
-    flags = "all_slots, split_k" if args.product == "dw" else "persistent, tma_store, group_m, flat_k"
+    flags = "all_slots, split_k, full_patch_n" if args.product == "dw" else "persistent, tma_store, group_m, flat_k, full_patch_n"
     print(f"{f'config (bm, bn, bk, warps, stages, tma, {flags})':<72} ms per round")
     for r in rows:
         print(f"{str(tuple(r['config'])):<72} " + (r["error"] or "  ".join(f"{t:.4f}" for t in r["ms"])))

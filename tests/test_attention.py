@@ -87,13 +87,11 @@ def test_flex_path_matches_reference_on_cpu(causal, n_global):
 @pytest.mark.parametrize("seq_len", [128, 120], ids=["whole-blocks", "padded-tail"])
 @pytest.mark.parametrize("n_global,period", [(0, None), (16, None), (16, 4), (8, None)])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("partial_tile_mask", [False, True])
-def test_block_mask_elements_equal_the_pattern(causal, n_global, period, seq_len, partial_tile_mask):
+def test_block_mask_elements_equal_the_pattern(causal, n_global, period, seq_len):
     """What FlexAttention's compiled kernels compute from the BlockMask -- full tiles whole, partial tiles through
-    mask_mod, empty tiles skipped -- is the pattern, element by element, for every real query row; the cheap
-    partial-tile mask_mod is used when asked for and only where it suffices (global tokens in whole blocks)."""
+    mask_mod, empty tiles skipped -- is the pattern, element by element, for every real query row."""
     spec = PatternSpec(16, period, 2, n_global)
-    bm = get_block_mask(seq_len, spec, causal, torch.device("cpu"), partial_tile_mask)
+    bm = get_block_mask(seq_len, spec, causal, torch.device("cpu"))
     padded = 128
     q_idx, kv_idx = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
     qb, kb = q_idx // 16, kv_idx // 16
@@ -105,8 +103,6 @@ def test_block_mask_elements_equal_the_pattern(causal, n_global, period, seq_len
     computed = full[qb, kb] | (partial[qb, kb] & bm.mask_mod(0, 0, q_idx, kv_idx))
     expected = allowed_by_definition(padded, 16, 2, n_global, causal, period) & (kv_idx < seq_len)
     assert torch.equal(computed[:seq_len], expected[:seq_len])
-    cheap = "_partial_tile_mask_mod" in bm.mask_mod.__qualname__
-    assert cheap == (partial_tile_mask and n_global % 16 == 0)
 
 
 def test_block_mask_skips_blocks():

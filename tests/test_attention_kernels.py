@@ -1,10 +1,11 @@
-"""Pixelfly attention's Triton kernels (kernels/block_sparse_attention.py): block tables, forward and backward against
+"""Pixelfly attention's Triton kernels (kernels/attention_*.py, block_sparse_attention.py): block tables, forward and backward against
 a float64 masked softmax, key padding, ragged lengths, the custom op under torch.compile; on CPU in the interpreter."""
 import os
 
 import pytest
 import torch
 
+from pixelfly_kernels import attention_launch as launch
 from pixelfly_kernels import block_sparse_attention as bsa
 from pixelfly_kernels.butterfly_attention import PatternSpec, dense_pattern
 
@@ -46,7 +47,7 @@ def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
     disallowed: the kernels mask nothing else."""
     spec, nb, p = PatternSpec(32, period, 2, n_global), 10, 32
     tiles = dense_pattern(nb * p, nb * p, spec, causal).view(nb, p, nb, p).permute(0, 2, 1, 3)
-    whole = bsa.whole_blocks(nb, spec, causal)
+    whole = launch.whole_blocks(nb, spec, causal)
     assert tiles[whole].all() and not tiles[~whole & ~torch.eye(nb, dtype=torch.bool)].any()
     diagonal = tiles[torch.arange(nb), torch.arange(nb)]
     assert diagonal.equal(torch.ones(p, p, dtype=torch.bool).tril().expand(nb, p, p) if causal else diagonal.new_ones(nb, p, p))
@@ -54,34 +55,34 @@ def test_whole_blocks_are_the_pattern_tile_by_tile(causal, period, n_global):
 
 @interpreted
 def test_tables_list_blocks_and_launch_heavy_blocks_first():
-    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"), bsa.HEAVY_FACTOR)
+    tables = launch.block_tables(8 * 128, PatternSpec(128, None, 2, 128), True, torch.device("cpu"),
+                                 launch.HEAVY_BLOCK_FACTOR)
     # causal: query block 5 sees the global block 0, its XOR partners 4 and 7 (not: later), and its neighbour 4
     assert tables.rows[5, : tables.n_rows[5]].tolist() == [0, 4]
     # the global key block is seen by every later query block: the one heavy column, launched first
     assert tables.n_cols[0] == 7 and tables.col_heavy == 1 and tables.col_order.tolist() == list(range(8))
     assert tables.row_heavy == 0 and tables.row_order.tolist() == list(range(8))
-    tables = bsa.block_tables(8 * 128, PatternSpec(128, None, 1, 256), False, torch.device("cpu"), heavy_factor=0.0)
+    tables = launch.block_tables(8 * 128, PatternSpec(128, None, 1, 256), False, torch.device("cpu"), heavy_factor=0.0)
     counts = tables.n_rows[tables.row_order]
     assert tables.row_heavy == 8 and (counts.diff() <= 0).all() and sorted(tables.row_order.tolist()) == list(range(8))
 
 
 @interpreted
 @pytest.mark.parametrize("heavy_factor", [0.0, 2.0, float("inf")])
-def test_every_launch_order_gives_the_same_result(monkeypatch, heavy_factor):
+def test_every_launch_order_gives_the_same_result(heavy_factor):
     """All programs heaviest first, some first and the rest head by head, or all head by head (tiles of 16 in
     32-token blocks: two programs per block)."""
     spec = PatternSpec(32, None, 1, 64)  # 16 blocks; the 2 global blocks see (and are seen by) all 16
-    tables = bsa.block_tables(512, spec, False, torch.device("cpu"), heavy_factor)
+    tables = launch.block_tables(512, spec, False, torch.device("cpu"), heavy_factor)
     assert (tables.row_heavy, tables.col_heavy) == {0.0: (16, 16), 2.0: (2, 2), float("inf"): (0, 0)}[heavy_factor]
-    monkeypatch.setattr(bsa, "HEAVY_FACTOR", heavy_factor)
-    check_tiles(False, (16, 16), 512, spec, b=1, h=2)
+    check_tiles(False, (16, 16), 512, spec, b=1, h=2, heavy_factor=heavy_factor)
 
 
 @interpreted
 def test_partial_global_blocks_are_refused():
-    assert not bsa.supports(PatternSpec(128, None, 3, 64))
+    assert not launch.supports(PatternSpec(128, None, 3, 64))
     with pytest.raises(ValueError, match="64 global tokens do not fill whole 128-token blocks"):
-        bsa.block_tables(512, PatternSpec(128, None, 3, 64), True, torch.device("cpu"), 2.0)
+        launch.block_tables(512, PatternSpec(128, None, 3, 64), True, torch.device("cpu"), 2.0)
 
 
 @interpreted
@@ -100,19 +101,20 @@ def test_tiles_smaller_than_the_pattern_block(causal, config):
     check_tiles(causal, config, 128, PatternSpec(32, None, 2, 32))
 
 
-def check_tiles(causal, config, s, spec, b=2, h=3):
-    """The launchers with fixed tiles, forward and backward, against float64."""
+def check_tiles(causal, config, s, spec, b=2, h=3, heavy_factor=launch.HEAVY_BLOCK_FACTOR):
+    """The launchers with fixed tiles (and a launch order), forward and backward, against float64."""
 
     class Attend(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v):
-            out, lse = bsa.attention_forward(q, k, v, None, spec, causal, 32**-0.5, config)
+            out, lse = launch.attention_forward(q, k, v, None, spec, causal, 32**-0.5, config, heavy_factor)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
 
         @staticmethod
         def backward(ctx, grad):
-            return bsa.attention_backward(*ctx.saved_tensors, grad, None, spec, causal, 32**-0.5, config)
+            return launch.attention_backward(*ctx.saved_tensors, grad, None, spec, causal, 32**-0.5, config,
+                                             heavy_factor)
 
     check_against_float64(Attend.apply, spec, causal, s, b=b, h=h)
 
@@ -156,7 +158,7 @@ def test_inputs_in_different_layouts():
     q = torch.randn(1, 96, 2, 32).transpose(1, 2)
     k = torch.randn(1, 2, 96, 32)
     with pytest.raises(ValueError, match="one stride set"):
-        bsa.attention_forward(q, k, k, None, spec, True, 0.2)
+        launch.attention_forward(q, k, k, None, spec, True, 0.2)
 
 
 @interpreted

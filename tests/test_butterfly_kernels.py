@@ -11,8 +11,11 @@ import triton.language as tl
 from backends import BACKENDS
 
 from pixelfly_hf.patterns import FlatButterflyLayout
-from pixelfly_kernels import butterfly_matmul as triton_impl
+from pixelfly_kernels import butterfly_launch as triton_impl
 from pixelfly_kernels import reference
+from pixelfly_kernels.butterfly_configs import (DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, DwConfig, MatmulConfig, prune_dw,
+                                                prune_matmul)
+from pixelfly_kernels.butterfly_kernels import butterfly_mm_kernel, k_tail
 
 # (tokens, in, out, butterfly_size, n_factors): in != out, out < in, non-square and non-power-of-2 tiles,
 # tile edge == block_size (16), odd token counts
@@ -104,7 +107,8 @@ def test_triton_launcher_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(70, 192, 384, 4, 1), (33, 256, 128, 8, 3), (45, 384, 192, 4, 2), (40, 256, 512, 4, 2)],
                          ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("flags", [(True, False), (True, True), (False, True), (True, True, True), (False, True, False, 2)],
+@pytest.mark.parametrize("flags", [dict(use_tma=True), dict(use_tma=True, persistent=True), dict(persistent=True),
+                                   dict(use_tma=True, persistent=True, tma_store=True), dict(persistent=True, group_m=2)],
                          ids=["tma", "tma-persistent", "persistent", "tma-persistent-store", "persistent-grouped"])
 def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, flags):
     """The TMA-descriptor and persistent variants (autotuner choices on Hopper) under the interpreter: 64-wide N tiles
@@ -118,12 +122,13 @@ def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, fl
     rank = 8
     u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
     bias = torch.randn(layout.out_features).to(dtype)
-    config = (32, 64, 16, 4, 1, *flags)
+    config = MatmulConfig(32, 64, 16, 4, 1, **flags)
     y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
                                      out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
     dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
     dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
-                                         out=torch.full_like(weight, float("nan")), config=config[:6])  # dW: TMA or not
+                                         out=torch.full_like(weight, float("nan")),
+                                         config=DwConfig(32, 64, 16, 4, 1, use_tma=config.use_tma))
     tol = TOLERANCE[dtype] * 2  # Z and dZ are rounded to the input dtype before the segment
     full = dense + u.double() @ v.double()
     assert rel_err(y, x.double() @ full.T + bias.double()) < tol
@@ -133,13 +138,11 @@ def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, fl
 
 
 def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
-    """Before 32-wide tiles existed, a 32-wide patch (1024 -> 4096 at butterfly size 32) got one 64x32x32 config;
+    """Without 32-wide tiles a 32-wide patch (1024 -> 4096 at butterfly size 32) would get one 64x32x32 config;
     patches that 64 divides must not pay tuning time for 32-wide tiles."""
     def offered(n_patch, k_patch, tma_aligned=True):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=tma_aligned)
-        kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["USE_TMA"]) for c in kept
-                if not c.kwargs["FLAT_K"]}
+        return {(c.block_m, c.block_n, c.block_k, c.use_tma) for c in prune_matmul(MM_CONFIGS, args) if not c.flat_k}
 
     wide = offered(256, 64)
     assert min(min(n, k) for _, n, k, _ in wide) == 64 and (128, 256, 64, True) in wide
@@ -163,19 +166,19 @@ def test_autotuner_offers_32_wide_tiles_only_where_they_pay():
     # K steps across slots: offered where the step does not divide the K patch (48 with 64 and 32; 160 with 64),
     # never where it does (64-wide patches)
     def flat_k_steps(n_patch, k_patch):
-        kept = triton_impl._prune(triton_impl.MM_CONFIGS, dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True),
-                                  "M", "N_PATCH", "K_PATCH", "K_PATCH")
-        return {c.kwargs["BLOCK_K"] for c in kept if c.kwargs["FLAT_K"]}
+        kept = prune_matmul(MM_CONFIGS, dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True))
+        return {c.block_k for c in kept if c.flat_k}
 
     assert flat_k_steps(192, 48) == {32, 64} and flat_k_steps(640, 160) == {64} and flat_k_steps(256, 64) == set()
     assert flat_k_steps(128, 32) == {64}  # two 32-wide slots per 64-wide step
-    dw = triton_impl._prune(triton_impl.DW_CONFIGS, dict(M=16384, Q=128, P=32, TMA_ALIGNED=True), "Q", "P", "M", None)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
+    dw = prune_dw(DW_CONFIGS, dict(M=16384, Q=128, P=32, F=3, TMA_ALIGNED=True))
+    assert {(c.block_m, c.block_n, c.block_k) for c in dw} == {(128, 32, 64)}  # its dW tile (q=128, p=32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_k", [32, 64])
-@pytest.mark.parametrize("flags", [(False, False), (True, False), (True, True)], ids=["pointer", "tma", "tma-persistent"])
+@pytest.mark.parametrize("flags", [dict(), dict(use_tma=True), dict(use_tma=True, persistent=True)],
+                         ids=["pointer", "tma", "tma-persistent"])
 def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
     """Patches 48 wide (in) and 80 wide (out): with 32-wide K steps the forward runs 32 + a 16-wide tail per slot
     and dX 2 x 32 + 16; with 64-wide ones dX runs 64 + 16 and the forward's rest (48, no power of 2) falls back to
@@ -186,9 +189,9 @@ def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
     rank = 8
     u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
     bias = torch.randn(layout.out_features).to(dtype)
-    config = (32, 32, block_k, 4, 1, *flags)
+    config = MatmulConfig(32, 32, block_k, 4, 1, **flags)
     # 64-wide steps leave the forward's 48 as one masked step, which TMA cannot load: pointer loads there
-    fwd_config = (32, 32, block_k, 4, 1, False, *flags[1:]) if block_k == 64 else config
+    fwd_config = MatmulConfig(32, 32, block_k, 4, 1, **{**flags, "use_tma": False}) if block_k == 64 else config
     y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=fwd_config,
                                      out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
     dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
@@ -196,7 +199,7 @@ def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
     full = dense + u.double() @ v.double()
     assert rel_err(y, x.double() @ full.T + bias.double()) < tol
     assert rel_err(dx, grad.double() @ full) < tol
-    assert triton_impl._k_tail(48, 32) == 16 and triton_impl._k_tail(80, block_k) == 16 and triton_impl._k_tail(48, 64) == 0
+    assert k_tail(48, 32) == 16 and k_tail(80, block_k) == 16 and k_tail(48, 64) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -204,11 +207,11 @@ def test_k_tail_steps_match_dense_masked_float64(dtype, block_k, flags):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("block_k", [32, 64])
 def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
-    """FLAT_K (v18): the slots' K patches as one range, a step taking the end of one slot and the start of the next.
+    """flat_k: the slots' K patches as one range, a step taking the end of one slot and the start of the next.
     Patches 48 (in) and 80 (out) wide: the forward walks 3 x 48 = 144 in 64-wide steps (the second spans slots 0 and
     1) and dX 3 x 80; 40 and 20 wide: 8- and 4-element chunks; 16 wide with 4 slots: 32-wide steps take two whole
-    slots. Low rank and bias ride along; the persistent schedule too, also with descriptor stores (v20: the 32-wide
-    output patches of the last shape take them, the others fall back to the masked store)."""
+    slots. Low rank and bias ride along; the persistent schedule too, also with descriptor stores (the 32-wide output
+    patches of the last shape take them, the others fall back to the masked store)."""
     torch.manual_seed(zlib.crc32(repr((dtype, shape, block_k)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     rank = 8
@@ -217,7 +220,7 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
     tol = TOLERANCE[dtype] * 2
     full = dense + u.double() @ v.double()
     for persistent, store in ((False, False), (True, False), (True, True)):
-        config = (32, 32, block_k, 4, 1, False, persistent, store, 0, True)
+        config = MatmulConfig(32, 32, block_k, 4, 1, persistent=persistent, tma_store=store, flat_k=True)
         y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
                                          out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
         dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
@@ -227,17 +230,18 @@ def test_k_steps_across_slots_match_dense_masked_float64(dtype, shape, block_k):
 
 # (flags after num_stages, block_k): TMA needs whole K steps (K = 48: 16, or 32 + a 16 tail), not one masked 64 step
 WHOLE_PATCH_CASES = [pytest.param(flags, block_k, id=f"{name}-k{block_k}")
-                     for name, flags in (("pointer", (False,)), ("tma", (True,)), ("tma-persistent", (True, True)),
-                                         ("tma-persistent-store", (True, True, True)),
-                                         ("flat-k-persistent", (False, True, False, 0, True)),
-                                         ("flat-k-persistent-store", (False, True, True, 0, True)))
+                     for name, flags in (("pointer", dict()), ("tma", dict(use_tma=True)),
+                                         ("tma-persistent", dict(use_tma=True, persistent=True)),
+                                         ("tma-persistent-store", dict(use_tma=True, persistent=True, tma_store=True)),
+                                         ("flat-k-persistent", dict(persistent=True, flat_k=True)),
+                                         ("flat-k-persistent-store", dict(persistent=True, tma_store=True, flat_k=True)))
                      for block_k in (16, 32, 64) if block_k < 64 or name == "pointer"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("flags, block_k", WHOLE_PATCH_CASES)
 def test_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags, block_k):
-    """FULL_PATCH_N (v19): one tile spans a patch whose width is no power of 2, as BLOCK_N columns plus a narrower
+    """full_patch_n: one tile spans a patch whose width is no power of 2, as BLOCK_N columns plus a narrower
     rest in a second accumulator. Patches 96 (out) and 48 (in) wide: the forward runs 64 + 32 columns over K = 48
     (16-wide steps divide it, 32-wide ones leave a 16-wide tail, 64-wide ones one masked step), dX 32 + 16 over
     K = 96; then 80 (out) and 160 (in): 64 + 16 over K = 160, and dX 128 + 32 over K = 80. The rest's weight, low-rank
@@ -249,10 +253,11 @@ def test_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags, block
         rank = 8
         u, v = torch.randn(layout.out_features, rank).to(dtype), torch.randn(rank, layout.in_features).to(dtype)
         bias = torch.randn(layout.out_features).to(dtype)
-        full_n = flags + (False,) * (5 - len(flags)) + (True,)
-        y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=(32, fwd_n, block_k, 4, 1, *full_n),
+        y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u,
+                                         config=MatmulConfig(32, fwd_n, block_k, 4, 1, **flags, full_patch_n=True),
                                          out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
-        dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, config=(32, dx_n, block_k, 4, 1, *full_n),
+        dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v,
+                                            config=MatmulConfig(32, dx_n, block_k, 4, 1, **flags, full_patch_n=True),
                                             out=torch.full_like(x, float("nan")))
         full = dense + u.double() @ v.double()
         assert rel_err(y, x.double() @ full.T + bias.double()) < tol, layout.tile_shape
@@ -260,67 +265,66 @@ def test_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags, block
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("flags", [(False, False, 1, True), (True, False, 1, True), (False, False, 2, True), (True, False, 3, True)],
+@pytest.mark.parametrize("flags", [dict(), dict(use_tma=True), dict(split_k=2), dict(use_tma=True, split_k=3)],
                          ids=["pointer", "tma", "split2", "tma-split3"])
 def test_dw_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags):
-    """FULL_PATCH_N in the dW kernel: one tile spans the p columns of a patch 48 (32 + 16), 160 (128 + 32) or 80
+    """full_patch_n in the dW kernel: one tile spans the p columns of a patch 48 (32 + 16), 160 (128 + 32) or 80
     (64 + 16) wide, the rest's X columns in a second accumulator fed by the same dY tile; alone, by TMA, and with the
     tokens split 2 or 3 ways (fp32 atomic adds). The output starts as NaN."""
     torch.manual_seed(zlib.crc32(repr((dtype, flags)).encode()))
     for shape, block_n in (((37, 96, 192, 2, 1), 32), ((23, 320, 160, 2, 1), 128), ((29, 160, 320, 2, 1), 64)):
         layout, weight, dense, x, grad = make_case(*shape, dtype)
+        config = DwConfig(16, block_n, 16, 4, 1, **flags, full_patch_n=True)
         dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
-                                             out=torch.full_like(weight, float("nan")), config=(16, block_n, 16, 4, 1, *flags))
+                                             out=torch.full_like(weight, float("nan")), config=config)
         dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
         assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype], layout.tile_shape
 
 
 def test_whole_patch_column_tiles_offered_only_where_the_rest_fits():
-    """The autotuner gets FULL_PATCH_N configs where the patch is BLOCK_N plus a narrower power of 2 of at least 16,
+    """The autotuner gets full_patch_n configs where the patch is block_n plus a narrower power of 2 of at least 16,
     with the two accumulators within 128 x 256 (forward/dX: the patch's output columns; dW: its p columns); an
     explicit config elsewhere is refused with the fix."""
     def offered(n_patch, k_patch=256):
         args = dict(M=16384, N_PATCH=n_patch, K_PATCH=k_patch, TMA_ALIGNED=True)
-        kept = triton_impl._prune(triton_impl.MM_CONFIGS, args, "M", "N_PATCH", "K_PATCH", "K_PATCH")
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept if c.kwargs["FULL_PATCH_N"]}
+        return {(c.block_m, c.block_n) for c in prune_matmul(MM_CONFIGS, args) if c.full_patch_n}
 
     assert offered(160) == {(128, 128), (64, 128)}  # 128 + 32; 256-row tiles would hold 256 x 160 in registers
     assert offered(48) == {(128, 32), (256, 32)} and offered(80) == {(128, 64)} and offered(96) == {(128, 64)}
     assert offered(320) == {(64, 256)}  # 256 + 64, only 64 rows
     assert offered(128) == offered(256) == offered(24) == offered(40) == set()  # powers of 2; rests under 16
     # dW: the same rule on p, never with all slots per program (their gathered X tile has one column width)
-    dw_offered = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["ALL_SLOTS"]) for c in triton_impl._prune_dw(
-        triton_impl.DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=True)) if c.kwargs["FULL_PATCH_N"]}
+    dw_offered = {(c.block_m, c.block_n, c.all_slots) for c in prune_dw(
+        DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=True)) if c.full_patch_n}
     assert dw_offered == {(128, 128, False), (64, 128, False)}
-    # ... and only on 16-byte aligned dY and X (session 9: an illegal memory access on the H200 otherwise)
-    assert not any(c.kwargs["FULL_PATCH_N"] for c in triton_impl._prune_dw(
-        triton_impl.DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=False)))
+    # ... and only on 16-byte aligned dY and X (an illegal memory access on the H200 otherwise)
+    assert not any(c.full_patch_n for c in prune_dw(DW_SPLIT_CONFIGS, dict(M=16384, Q=640, P=160, F=3, TMA_ALIGNED=False)))
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 (in), 96 (out)
     with pytest.raises(ValueError, match="patch is 96 wide: that needs block_n plus a narrower power of 2"):
-        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, False, False, False, 0, False, True))
+        triton_impl.butterfly_matmul(x, weight, config=MatmulConfig(32, 32, 16, 4, 1, full_patch_n=True))
     with pytest.raises(ValueError, match="patch is 48 wide"):
-        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 16, 16, 4, 1, False, False, 1, True))
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=DwConfig(32, 16, 16, 4, 1, full_patch_n=True))
     with pytest.raises(ValueError, match="all slots per program with TMA or a tile across the patch"):
-        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, False, True, 1, True))
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=DwConfig(32, 32, 16, 4, 1, all_slots=True, full_patch_n=True))
     shifted = torch.randn(20, 193)[:, 1:]  # X's base 4 bytes past an aligned one
     with pytest.raises(ValueError, match="dW tile across the patch, but dY or X is not 16-byte aligned"):
-        triton_impl.butterfly_matmul_dw(grad, shifted, 2, 4, config=(32, 32, 16, 4, 1, False, False, 1, True))
+        triton_impl.butterfly_matmul_dw(grad, shifted, 2, 4, config=DwConfig(32, 32, 16, 4, 1, full_patch_n=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(83, 256, 512, 8, 2), (61, 192, 384, 4, 1), (45, 512, 256, 16, 3), (50, 128, 64, 4, 0)],
                          ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("flags", [(False, True, 1), (False, True, 3), (False, False, 2), (True, False, 4)],
-                         ids=["all-slots", "all-slots-split3", "split2", "tma-split4"])
+@pytest.mark.parametrize("flags", [dict(all_slots=True), dict(all_slots=True, split_k=3), dict(split_k=2),
+                                   dict(use_tma=True, split_k=4)], ids=["all-slots", "all-slots-split3", "split2", "tma-split4"])
 def test_dw_all_slots_and_token_splits_match_dense_masked_float64(dtype, shape, flags):
-    """The token-split dW kernel (v17): one program computing all F slots from a gathered X tile (F = 3 and 2 padded
+    """The token-split dW kernel: one program computing all F slots from a gathered X tile (F = 3 and 2 padded
     to 4 and 2 columns blocks, F = 4 exact, F = 1), and token ranges split 2-4 ways whose partial tiles are added
     atomically in fp32 (83 tokens in 3 shares of 32, 32, 19; 4 shares of 45 leave one empty). The output starts as
     NaN: every element must be written (fp32 adds into it after zeroing it, bf16 gets a cast of an fp32 buffer)."""
     torch.manual_seed(zlib.crc32(repr((dtype, shape, flags)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
     dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
-                                         out=torch.full_like(weight, float("nan")), config=(16, 16, 16, 4, 1, *flags))
+                                         out=torch.full_like(weight, float("nan")), config=DwConfig(16, 16, 16, 4, 1, **flags))
     dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
     assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype]
 
@@ -339,8 +343,8 @@ def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
         torch.use_deterministic_algorithms(False)
 
     def offered(tokens, q, p, slots):
-        kept = triton_impl._prune_dw(triton_impl.DW_SPLIT_CONFIGS, dict(M=tokens, Q=q, P=p, F=slots, TMA_ALIGNED=True))
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["ALL_SLOTS"], c.kwargs["SPLIT_K"]) for c in kept}
+        kept = prune_dw(DW_SPLIT_CONFIGS, dict(M=tokens, Q=q, P=p, F=slots, TMA_ALIGNED=True))
+        return {(c.block_m, c.block_n, c.all_slots, c.split_k) for c in kept}
 
     wide = offered(16384, 256, 64, 3)  # 1024 -> 4096 at butterfly size 16: 3 slots padded to 4 x 64 columns
     assert {(64, 64, True, 4), (128, 64, True, 4), (128, 64, False, 1)} <= wide
@@ -370,16 +374,16 @@ def test_bounds_check_stops_a_kernel_that_reads_past_its_tensor():
 def test_tma_config_refused_where_it_cannot_work():
     layout, weight, dense, x, grad = make_case(20, 192, 384, 4, 1, torch.float32)  # patches 48 wide (in), 96 (out)
     with pytest.raises(ValueError, match="block_k=64 leaves a rest of the patch width 48"):
-        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 64, 4, 1, True))
+        triton_impl.butterfly_matmul(x, weight, config=MatmulConfig(32, 32, 64, 4, 1, use_tma=True))
     shifted = torch.randn(20, 193)[:, 1:]  # base address 4 bytes past an aligned one
     with pytest.raises(ValueError, match="not 16-byte aligned"):
-        triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, True))
+        triton_impl.butterfly_matmul(shifted, weight, config=MatmulConfig(32, 32, 16, 4, 1, use_tma=True))
     with pytest.raises(ValueError, match="descriptor stores, but the operands are not 16-byte aligned"):
-        triton_impl.butterfly_matmul(shifted, weight, config=(32, 32, 16, 4, 1, False, True, True, 0, True))
+        triton_impl.butterfly_matmul(shifted, weight, config=MatmulConfig(32, 32, 16, 4, 1, persistent=True, tma_store=True, flat_k=True))
     with pytest.raises(ValueError, match="K steps across slots"):
-        triton_impl.butterfly_matmul(x, weight, config=(32, 32, 16, 4, 1, True, False, False, 0, True))
+        triton_impl.butterfly_matmul(x, weight, config=MatmulConfig(32, 32, 16, 4, 1, use_tma=True, flat_k=True))
     with pytest.raises(ValueError, match="gathered X tile needs pointer loads"):
-        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=(32, 32, 16, 4, 1, True, True))
+        triton_impl.butterfly_matmul_dw(grad, x, 2, 4, config=DwConfig(32, 32, 16, 4, 1, use_tma=True, all_slots=True))
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -402,8 +406,8 @@ def test_fused_low_rank_segment(impl, rank):
 
 @pytest.mark.gpu
 def test_repeat_launches_bypass_the_autotuner_and_use_their_own_tensors(monkeypatch):
-    """The second call of a shape goes straight to the compiled kernel (session 6: Triton's launch path cost more
-    host time than the kernels ran). It must compute with the new call's tensors, and a base address 16 bytes do not
+    """The second call of a shape goes straight to the compiled kernel (Triton's launch path costs more host time
+    than the kernels run). It must compute with the new call's tensors, and a base address 16 bytes do not
     divide (which rules out TMA) must get a launch of its own, not the aligned one's."""
     torch.manual_seed(5)
     layout, weight, dense, _, _ = make_case(517, 640, 1280, 8, 2, torch.float32)  # odd token count, 80x160 tiles
@@ -442,9 +446,9 @@ def test_repeat_launches_bypass_the_autotuner_and_use_their_own_tensors(monkeypa
 @pytest.mark.gpu
 def test_a_cold_autotuner_key_compiles_every_config_in_threads_before_timing(monkeypatch, tmp_path):
     """A key with nothing cached on disk: every config it times was compiled by a worker thread beforehand (the
-    compiles run in parallel, session 10), none by the timing loop itself, and the picked config computes right."""
+    compiles run in parallel), none by the timing loop itself, and the picked config computes right."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    jit = triton_impl._butterfly_mm_kernel.fn
+    jit = butterfly_mm_kernel.fn
     on_main_thread = []
 
     def compile_and_record(*args, **kwargs):

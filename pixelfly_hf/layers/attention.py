@@ -23,7 +23,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pixelfly_kernels.attention_reference import masked_softmax_attention
-from pixelfly_kernels import block_sparse_attention as block_sparse
+from pixelfly_kernels import attention_launch
+from pixelfly_kernels.block_sparse_attention import block_sparse_attention
 from pixelfly_kernels.butterfly_attention import (
     PatternSpec,
     block_density,
@@ -40,7 +41,7 @@ ATTENTION_NAME = "pixelfly"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # FlexAttention needs BlockMask blocks that its GPU tiles divide (64-token blocks fail in backward); our kernels'
-# tiles are up to 128 rows (block_sparse_attention.MIN_BLOCK_SIZE).
+# tiles are up to 128 rows (attention_launch.MIN_BLOCK_SIZE).
 MIN_GPU_BLOCK_SIZE = 128
 
 
@@ -198,10 +199,11 @@ def _gpu_pixelfly_attention(query, key, value, spec: PatternSpec, causal: bool, 
                             keep: torch.Tensor | None) -> torch.Tensor:
     """Our Triton kernels where they apply (global tokens in whole blocks, bf16/fp16, their head dims, no mask or a
     key padding mask), FlexAttention for the rest (fp32, other head dims, general 4-D masks)."""
-    if block_sparse.supports(spec) and query.dtype in block_sparse.DTYPES and query.shape[-1] in block_sparse.HEAD_DIMS:
+    if (attention_launch.supports(spec) and query.dtype in attention_launch.DTYPES
+            and query.shape[-1] in attention_launch.HEAD_DIMS):
         key_keep = None if keep is None else key_padding_from_mask(keep, causal)
         if keep is None or key_keep is not None:
-            return block_sparse.block_sparse_attention(query, key, value, spec, causal, scale, key_keep)
+            return block_sparse_attention(query, key, value, spec, causal, scale, key_keep)
     return flex_pixelfly_attention(query, key, value, spec, causal, scale, keep)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelfly_kernels import BACKENDS, butterfly_linear
+from pixelfly_kernels.ops import BACKENDS, butterfly_linear
 from pixelfly_kernels.reference import butterfly_to_dense, dense_to_butterfly
 
 from ..patterns import FlatButterflyLayout, validate_rank
