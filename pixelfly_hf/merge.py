@@ -41,18 +41,16 @@ def merged_weight(layer: PixelflyLinear, name: str = "layer") -> torch.Tensor:
 
 
 def _dense_layer(layer: PixelflyLinear, kind: type, name: str) -> nn.Module:
+    """An nn.Linear, or a Conv1D (weight stored in x out), applying the layer's matrix."""
     weight = merged_weight(layer, name)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if kind is Conv1D:
-        dense = Conv1D(layer.out_features, layer.in_features).to(**factory)
-        dense.weight.data = weight.t().contiguous()
-    else:
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory)
-        dense.weight.data = weight
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
-    elif kind is Conv1D:
-        dense.bias.data.zero_()  # Conv1D always has a bias; a bias-free layer adds zero
+    bias = layer.bias.detach().clone() if layer.bias is not None else None
+    with torch.device("meta"):  # shapes only: the merged tensors replace the init
+        dense = Conv1D(layer.out_features, layer.in_features) if kind is Conv1D else nn.Linear(
+            layer.in_features, layer.out_features, bias=bias is not None
+        )
+    dense.weight = nn.Parameter(weight.t().contiguous() if kind is Conv1D else weight)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias)
     return dense
 
 

@@ -23,7 +23,8 @@ from test_models import SMALL, bert_config, first_output, gpt2_config, image_inp
 CASES = {
     "GPT2LMHeadModel": (GPT2LMHeadModel, gpt2_config, text_inputs, "AutoModelForCausalLM"),
     "BertForMaskedLM": (BertForMaskedLM, bert_config, text_inputs, "AutoModelForMaskedLM"),
-    "ViTForImageClassification": (ViTForImageClassification, vit_config, image_inputs, "AutoModelForImageClassification"),
+    "ViTForImageClassification": (ViTForImageClassification, lambda: vit_config(qkv_bias=False), image_inputs,
+                                  "AutoModelForImageClassification"),  # bias-free q, k, v
 }
 
 LOAD_WITHOUT_PIXELFLY = textwrap.dedent(
@@ -60,6 +61,7 @@ def test_merged_models_match_the_pixelfly_models_and_load_without_pixelfly_hf(tm
     args = []
     for case, (dense_class, make_config, make_inputs, auto_name) in CASES.items():
         model = trained_looking(get_model(dense_class(make_config()).eval(), PixelflyConfig(**SMALL)))
+        assert case != "ViTForImageClassification" or model.vit.layers[0].attention.q_proj.bias is None
         inputs = make_inputs()
         with torch.no_grad():
             expected = first_output(model(**inputs))
