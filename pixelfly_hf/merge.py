@@ -65,8 +65,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     values = config.to_dict()
     for key in ("model_type", "transformers_version", "auto_map", "pixelfly", "pixelfly_attention"):
         values.pop(key, None)
-    attention = config._attn_implementation
-    dense_config = dense_class.config_class(**values, attn_implementation=None if attention == ATTENTION_NAME else attention)
+    attention = None if config._attn_implementation == ATTENTION_NAME else config._attn_implementation
+    dense_config = dense_class.config_class(**values, attn_implementation=attention)
     dense_config.name_or_path = config.name_or_path
     # a weightless instance of the dense class tells which kind of layer sits at each name; building it also
     # resolves attn_implementation=None to the model's default (sdpa where available), as from_pretrained does

@@ -9,16 +9,14 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import (
-    BertForMaskedLM,
-    GPT2LMHeadModel,
-    ViTForImageClassification,
-)
+from transformers import BertForMaskedLM, GPT2LMHeadModel, ViTForImageClassification
 from transformers.pytorch_utils import Conv1D
 
-from pixelfly_hf import PixelflyConfig, PixelflyLinear, get_model
+from pixelfly_hf import PixelflyConfig, get_model
 from pixelfly_hf.merge import merged_weight
-from test_models import SMALL, bert_config, first_output, gpt2_config, image_inputs, pixelfly_layers, text_inputs, vit_config
+from test_models import (
+    SMALL, bert_config, first_output, gpt2_config, image_inputs, pixelfly_layers, text_inputs, vit_config
+)
 
 CASES = {
     "GPT2LMHeadModel": (GPT2LMHeadModel, gpt2_config, text_inputs, "AutoModelForCausalLM"),
@@ -117,7 +115,8 @@ def test_an_untrained_gate_folds_exactly_and_a_trained_gate_is_refused():
 
     with torch.no_grad():
         gated.gate.weight.normal_()
-    with pytest.raises(ValueError, match=r"cannot merge transformer\.h\.0\.attn\.c_proj: its gate depends on the input .* gate=False"):
+    refusal = r"cannot merge transformer\.h\.0\.attn\.c_proj: its gate depends on the input .* gate=False"
+    with pytest.raises(ValueError, match=refusal):
         model.merge_and_unload()
 
 
