@@ -41,18 +41,16 @@ def merged_weight(layer: PixelflyLinear, name: str = "layer") -> torch.Tensor:
 
 
 def _dense_layer(layer: PixelflyLinear, kind: type, name: str) -> nn.Module:
+    """An nn.Linear, or a Conv1D (weight stored in x out), applying the layer's matrix."""
     weight = merged_weight(layer, name)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if kind is Conv1D:
-        dense = Conv1D(layer.out_features, layer.in_features).to(**factory)
-        dense.weight.data = weight.t().contiguous()
-    else:
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory)
-        dense.weight.data = weight
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
-    elif kind is Conv1D:
-        dense.bias.data.zero_()  # Conv1D always has a bias; a bias-free layer adds zero
+    bias = layer.bias.detach().clone() if layer.bias is not None else None
+    with torch.device("meta"):  # shapes only: the merged tensors replace the init
+        dense = Conv1D(layer.out_features, layer.in_features) if kind is Conv1D else nn.Linear(
+            layer.in_features, layer.out_features, bias=bias is not None
+        )
+    dense.weight = nn.Parameter(weight.t().contiguous() if kind is Conv1D else weight)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias)
     return dense
 
 
@@ -67,8 +65,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     values = config.to_dict()
     for key in ("model_type", "transformers_version", "auto_map", "pixelfly", "pixelfly_attention"):
         values.pop(key, None)
-    attention = config._attn_implementation
-    dense_config = dense_class.config_class(**values, attn_implementation=None if attention == ATTENTION_NAME else attention)
+    attention = None if config._attn_implementation == ATTENTION_NAME else config._attn_implementation
+    dense_config = dense_class.config_class(**values, attn_implementation=attention)
     dense_config.name_or_path = config.name_or_path
     # a weightless instance of the dense class tells which kind of layer sits at each name; building it also
     # resolves attn_implementation=None to the model's default (sdpa where available), as from_pretrained does

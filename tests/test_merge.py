@@ -9,21 +9,20 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import (
-    BertForMaskedLM,
-    GPT2LMHeadModel,
-    ViTForImageClassification,
-)
+from transformers import BertForMaskedLM, GPT2LMHeadModel, ViTForImageClassification
 from transformers.pytorch_utils import Conv1D
 
-from pixelfly_hf import PixelflyConfig, PixelflyLinear, get_model
+from pixelfly_hf import PixelflyConfig, get_model
 from pixelfly_hf.merge import merged_weight
-from test_models import SMALL, bert_config, first_output, gpt2_config, image_inputs, pixelfly_layers, text_inputs, vit_config
+from test_models import (
+    SMALL, bert_config, first_output, gpt2_config, image_inputs, pixelfly_layers, text_inputs, vit_config
+)
 
 CASES = {
     "GPT2LMHeadModel": (GPT2LMHeadModel, gpt2_config, text_inputs, "AutoModelForCausalLM"),
     "BertForMaskedLM": (BertForMaskedLM, bert_config, text_inputs, "AutoModelForMaskedLM"),
-    "ViTForImageClassification": (ViTForImageClassification, vit_config, image_inputs, "AutoModelForImageClassification"),
+    "ViTForImageClassification": (ViTForImageClassification, lambda: vit_config(qkv_bias=False), image_inputs,
+                                  "AutoModelForImageClassification"),  # bias-free q, k, v
 }
 
 LOAD_WITHOUT_PIXELFLY = textwrap.dedent(
@@ -60,6 +59,7 @@ def test_merged_models_match_the_pixelfly_models_and_load_without_pixelfly_hf(tm
     args = []
     for case, (dense_class, make_config, make_inputs, auto_name) in CASES.items():
         model = trained_looking(get_model(dense_class(make_config()).eval(), PixelflyConfig(**SMALL)))
+        assert case != "ViTForImageClassification" or model.vit.layers[0].attention.q_proj.bias is None
         inputs = make_inputs()
         with torch.no_grad():
             expected = first_output(model(**inputs))
@@ -115,7 +115,8 @@ def test_an_untrained_gate_folds_exactly_and_a_trained_gate_is_refused():
 
     with torch.no_grad():
         gated.gate.weight.normal_()
-    with pytest.raises(ValueError, match=r"cannot merge transformer\.h\.0\.attn\.c_proj: its gate depends on the input .* gate=False"):
+    refusal = r"cannot merge transformer\.h\.0\.attn\.c_proj: its gate depends on the input .* gate=False"
+    with pytest.raises(ValueError, match=refusal):
         model.merge_and_unload()
 
 
