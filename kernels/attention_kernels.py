@@ -10,7 +10,7 @@ Work per program is uneven: the global key block is seen by every query block (3
 4 for the others), and bidirectionally the global query block sees every key block. Launched in block order, one
 late heavy program leaves the GPU idle behind it, so the programs of such heavy blocks go first ("order" tables) and
 the rest follow head by head, which keeps a head's blocks together in L2 (on an H200 at S = 4096: 10-14% less
-forward+backward time than head by head alone, benchmarks/NOTES.md "A2").
+forward+backward time than head by head alone, docs/dev/optimisation-notes.md "A2").
 """
 import triton
 import triton.language as tl
@@ -115,7 +115,7 @@ def _dkdv_block(dk, dv, k, v, key_bias, q_ptr, do_ptr, lse_ptr, delta_ptr, query
                 do_stride_s, qk_scale, MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PATTERN_BLOCK: tl.constexpr,
                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
     """dK and dV contributions of one pattern block of queries, BLOCK_M at a time (P recomputed from the LSE).
-    Adding dQ here atomically instead of in a kernel of its own measured no faster (benchmarks/NOTES.md)."""
+    Adding dQ here atomically instead of in a kernel of its own measured no faster (docs/dev/optimisation-notes.md)."""
     for sub in tl.static_range(0, PATTERN_BLOCK, BLOCK_M):
         offs_m = query0 + sub + tl.arange(0, BLOCK_M)
         q_t = _rows_t(q_ptr, offs_m, offs_d, stride_s, UPCAST)

@@ -33,7 +33,7 @@ def _configs(tiles):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
 
 
-# configs from benchmarks/probe_attention_kernel.py's sweep; S keys the grid size, width the table
+# configs from research/probe_attention_kernel.py's sweep; S keys the grid size, width the table
 _KEY = ["S", "width", "n_heavy", "D", "CAUSAL", "HAS_BIAS", "PATTERN_BLOCK"]
 _fwd_tuned = triton.autotune(_configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                        (64, 64, 4, 4), (64, 128, 4, 3)]), key=_KEY)(attention_fwd_kernel)

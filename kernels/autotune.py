@@ -2,7 +2,7 @@
 key it has to time compiled first, every config at once in threads.
 
 Compiling dominated a cold key (85 s for one 768 -> 3072 layout's products, ~0.5 s per config and up to ~50 configs
-per key; benchmarks/NOTES.md); the timing itself stays one config after another.
+per key; docs/dev/optimisation-notes.md); the timing itself stays one config after another.
 """
 import os
 

@@ -61,7 +61,7 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _DirectAttention(torch.autograd.Function):
     """The op's forward and backward without the custom-op dispatch, for eager calls, as the linear layers do
-    (ops.py, benchmarks/NOTES.md): the dispatch and its generated backward node are host time per call. Not measured
+    (ops.py, docs/dev/optimisation-notes.md): the dispatch and its generated backward node are host time per call. Not measured
     apart for attention."""
 
     @staticmethod

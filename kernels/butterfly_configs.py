@@ -3,7 +3,7 @@ prune them to what a shape can use.
 
 A config is a tile (block_m x block_n output, K steps of block_k), num_warps and num_stages (the software pipeline's
 depth), and per kernel the variant flags below. The lists try on the GPU what paid on some shape in the sweeps
-(benchmarks/NOTES.md); pruning keeps a shape's tuning time to the configs that can pay for it.
+(docs/dev/optimisation-notes.md); pruning keeps a shape's tuning time to the configs that can pay for it.
 """
 from dataclasses import dataclass
 from typing import NamedTuple

@@ -198,7 +198,7 @@ def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=N
 def _dw_token_split(tiles: int, num_sms: int, traced: bool) -> bool:
     """Less than one wave of 128 x 128 dW tiles: the split kernel can spread the tokens over the idle SMs. Its
     atomic adds sum in no fixed order, so not under torch.use_deterministic_algorithms; and not in torch.compile's
-    graphs, where its dW came out hundreds of times too large on the GPU (benchmarks/NOTES.md: the partial
+    graphs, where its dW came out hundreds of times too large on the GPU (docs/dev/optimisation-notes.md: the partial
     sums of repeated runs pile up in the zeroed buffer) and the direct kernel is exact."""
     return tiles < num_sms and not traced and not torch.are_deterministic_algorithms_enabled()
 

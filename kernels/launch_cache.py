@@ -2,7 +2,7 @@
 
 Per (autotuned kernel, device, argument signature) the cache keeps the compiled kernel the autotuner picked, its
 grid and its argument list with the tensors left out. Triton's own path (autotuner, heuristics, argument binding)
-costs ~150 us of host time per call on the H200's host, more than many of our kernels run (benchmarks/NOTES.md,
+costs ~150 us of host time per call on the H200's host, more than many of our kernels run (docs/dev/optimisation-notes.md,
 "do_bench measures the launch"); a repeat call only puts its tensors into the list.
 """
 import threading

@@ -3,7 +3,7 @@
 They are `triton_op`s: torch.compile traces their bodies, so Inductor launches the Triton kernels from its own
 generated code (no Python per call, CUDA-graph friendly) and no graph breaks. Eager callers use `butterfly_linear`,
 which runs the same forward and backward through a plain autograd.Function: the custom-op dispatch and its generated
-backward node cost more host time per call than the short kernels run (benchmarks/NOTES.md). `backend` picks
+backward node cost more host time per call than the short kernels run (docs/dev/optimisation-notes.md). `backend` picks
 the implementation: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device).
 """
 from typing import Optional

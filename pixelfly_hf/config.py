@@ -138,7 +138,7 @@ class PixelflyAttentionConfig:
     n_global_tokens: the first positions, which every position attends to (and which attend to everything when
         bidirectional). A multiple of block_size keeps the Triton kernels (they take whole tiles only); other
         counts run on FlexAttention, where 64 tokens were 1.1-1.3x slower fwd+bwd than 128 at S=4096 on an H200
-        (benchmarks/tune_attention.py).
+        (research/tune_attention.py).
     min_seq_len_for_sparse: shorter sequences use dense SDPA.
     max_density_for_sparse: sequences whose tile density exceeds this use dense SDPA (the sparse kernels run at
         0.5-0.7x of cuDNN's rate per visited tile on an H200, so they cannot win above ~0.5).

@@ -228,7 +228,7 @@ def apply_pixelfly(model, args, accelerator, *, pretrained):
 def make_train_dataloader(train_set, args, collate_fn):
     """Shuffled training batches, without the short last batch: under torch.compile (accelerate's
     --dynamo_backend) its new shape recompiles the model at every epoch end (27-46 s each for GPT-2 small on
-    an H200, BENCHMARKS.md)."""
+    an H200, docs/dev/benchmarks-log.md)."""
     return DataLoader(train_set, shuffle=True, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size,
                       drop_last=True)
 

@@ -1,4 +1,4 @@
-"""The three butterfly products, Triton (CPU interpreter here, CUDA in benchmarks/check_gpu.py) and reference,
+"""The three butterfly products, Triton (CPU interpreter here, CUDA in research/check_gpu.py) and reference,
 against a float64 dense masked matmul on fresh random inputs."""
 import threading
 import time
