@@ -152,7 +152,7 @@ def main(argv=None):
                     row["flex_ms"] = None if args.dry_run else bench(_fwd_bwd(_flex(forced), q, k, v, causal))
                     if s <= 1024:
                         with torch.no_grad():
-                            keep = dense_pattern(s, s, forced.pattern(), causal, device=device)
+                            keep = dense_pattern(s, s, pattern_of(forced), causal, device=device)
                             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
                             row["max_err_vs_masked_sdpa"] = (sparse(q, k, v, causal) - ref).abs().max().item()
                 row["chosen_ms"] = row["sdpa_ms"] if row["choice"] == "sdpa" else row["pixelfly_ms"]

@@ -166,7 +166,12 @@ class PixelflyAttentionConfig:
     @classmethod
     def from_dict(cls, options: dict | None) -> "PixelflyAttentionConfig":
         options = dict(options or {})
-        if "low_rank" in options and "n_global_tokens" not in options:
+        if "low_rank" in options and "n_global_tokens" in options:
+            raise ValueError(
+                f"pixelfly_attention has both low_rank={options['low_rank']!r} and "
+                f"n_global_tokens={options['n_global_tokens']!r}: low_rank is the old name of n_global_tokens; drop it."
+            )
+        if "low_rank" in options:
             # the name saved configs used before the linear and attention names were made one per concept
             warnings.warn(
                 "pixelfly_attention option low_rank is deprecated: it is n_global_tokens (the global tokens); "

@@ -1,7 +1,8 @@
-"""The Performer variant of Pixelfly attention, for the attention quality study (benchmarks/attention_quality.py):
-the butterfly blocks and their neighbours exact, Performer random features on every other key, one joint
-normalisation (Scatterbrain-style). PyTorch reference only, O(S^2) memory: a comparison point, not a library path
-(the library's global term is global tokens, which the GPU kernels run).
+"""Question: does a Performer global term (random features on every key outside the butterfly blocks) give better
+attention quality than the library's global tokens? This module is that variant, which the attention quality study
+(benchmarks/attention_quality.py) compares: the butterfly blocks and their neighbours exact, Performer random
+features on every other key, one joint normalisation (Scatterbrain-style). PyTorch reference only, O(S^2) memory:
+a comparison point, not a library path (the GPU kernels run global tokens).
 """
 from __future__ import annotations
 

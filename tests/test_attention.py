@@ -271,8 +271,11 @@ def test_settings_roundtrip_and_errors():
         PixelflyAttentionConfig(butterfly_size=8, n_factors=4)
     with pytest.raises(ValueError, match="unknown pixelfly_attention option.*blok_size"):
         PixelflyAttentionConfig.from_dict({"blok_size": 16})
-    with pytest.raises(ValueError, match=r"\['low_rank'\].*for attention low_rank is n_global_tokens"):
-        PixelflyAttentionConfig.from_dict({"low_rank": 16})
+    with pytest.warns(FutureWarning, match="option low_rank is deprecated: it is n_global_tokens"):
+        renamed = PixelflyAttentionConfig.from_dict({"low_rank": 16})
+    assert renamed == PixelflyAttentionConfig(n_global_tokens=16)
+    with pytest.raises(ValueError, match="both low_rank=16 and n_global_tokens=8.*drop it"):
+        PixelflyAttentionConfig.from_dict({"low_rank": 16, "n_global_tokens": 8})
     with pytest.raises(ValueError, match="n_global_tokens=-1"):
         PixelflyAttentionConfig(n_global_tokens=-1)
     with pytest.raises(ValueError, match=r"max_density_for_sparse=0 must be a number in \(0, 1\]"):

@@ -44,7 +44,6 @@ def test_attention_config_is_converted_checked_and_round_trips(tmp_path):
     "attention_config, message",
     [
         ({"blok_size": 64}, r"unknown pixelfly_attention option\(s\) \['blok_size'\]; known options: .*'block_size'"),
-        ({"low_rank": 64}, "for attention low_rank is n_global_tokens"),
         ({"block_size": 100}, "attention_config.block_size=100 must be a power of 2"),
         ({"n_factors": 0}, r"attention_config.n_factors=0 must be an integer >= 1"),
         ({"butterfly_size": 4, "n_factors": 3}, r"attention_config.n_factors=3 must be an integer in \[1, log2"),

@@ -122,7 +122,7 @@ def test_an_untrained_gate_folds_exactly_and_a_trained_gate_is_refused():
 
 def test_pixelfly_attention_goes_back_to_sdpa_and_keeps_the_weights():
     torch.manual_seed(0)
-    options = {"block_size": 16, "n_factors": 1, "low_rank": 2, "min_seq_len_for_sparse": 0}
+    options = {"block_size": 16, "n_factors": 1, "n_global_tokens": 2, "min_seq_len_for_sparse": 0}
     config = PixelflyConfig(**SMALL, attention="pixelfly", attention_config=options)
     model = trained_looking(get_model(GPT2LMHeadModel(gpt2_config(n_positions=256)).eval(), config))
     inputs = torch.randint(1, 97, (2, 256))
