@@ -1,17 +1,21 @@
-"""Dense vs Pixelfly GPT-2 trained by the recipe for the same wall-clock time: validation loss vs time and tokens.
+"""Dense, Pixelfly and Pixelfly-then-dense GPT-2 trained by the recipe for the same wall-clock time: validation loss
+against time and tokens, and how soon each reaches the loss dense ends with.
 
     python benchmarks/quality_equal_time.py --minutes 4 --out $OUT/eqtime \\
-        --train_file corpus/train.txt --validation_file corpus/validation.txt       # GPU, ~2 x (4 min + setup)
+        --train_file corpus/train.txt --validation_file corpus/validation.txt       # GPU, ~3 x (4 min + setup)
     (corpus/: `python research/make_corpus.py --out corpus`, or any text files)
-    python benchmarks/quality_equal_time.py --report-only --out DIR                  # re-plot two finished runs
+    python benchmarks/quality_equal_time.py --report-only --out DIR                  # re-plot finished runs
     python benchmarks/quality_equal_time.py --dry-run --out eqtime-dry              # CPU smoke test, tiny model
 
-Each side is one `accelerate launch recipes/gpt2_wikitext.py` (bf16, torch.compile through accelerate's
---dynamo_backend, fused AdamW, constant learning rate after warmup so that stopping early is fair to both), with
---max_train_minutes as the stop. The recipe logs the validation loss with the training seconds and tokens seen
-(train_log.jsonl), from which this script writes:
-  DIR/<side>_log.jsonl   the two logs;   DIR/loss.png   loss vs time and vs tokens;
-  DIR/summary.json       time to reach the loss both sides reach, and loss at equal tokens.
+Each arm is one `accelerate launch recipes/gpt2_wikitext.py` (bf16, torch.compile through accelerate's
+--dynamo_backend, fused AdamW, constant learning rate after warmup so that stopping early is fair to all), with
+--max_train_minutes as the stop. Pixelfly-then-dense trains Pixelfly for --densify_at of the time, then merges
+(merge_and_unload) and trains the dense model for the rest; the merge and the recompilation count as its time.
+The recipe logs the validation loss with the training seconds and tokens seen (train_log.jsonl), from which
+this script writes:
+  DIR/<arm>_log.jsonl   the logs;   DIR/loss.png   loss vs time and vs tokens;
+  DIR/summary.json      per arm: time and tokens to dense's final loss, measured and at the steady rate, and
+                        the loss at equal tokens.
 Training seconds include compilation and Triton autotuning on the first steps; run once before (same machine)
 to fill the caches when the comparison should be about steady-state speed.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -28,10 +33,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "gpt2_wikitext.py"
-SIDES = {"dense": ["--dense"], "pixelfly": []}
+ARMS = ("dense", "pixelfly", "pixelfly-then-dense")
 
 
-def run_side(name, args, extra):
+def arm_flags(name, args):
+    return {"dense": ["--dense"], "pixelfly": [], "pixelfly-then-dense": ["--densify_at", str(args.densify_at)]}[name]
+
+
+def run_arm(name, args, extra):
     out = Path(args.out) / name
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
               "--dynamo_backend", "no" if args.dry_run else "inductor"]
@@ -39,22 +48,41 @@ def run_side(name, args, extra):
     cmd = [*launch, str(RECIPE), "--model_size", args.model_size, "--max_train_minutes", str(args.minutes),
            "--max_train_steps", "1000000", "--lr_scheduler_type", "constant_with_warmup",
            "--num_warmup_steps", str(args.warmup), "--eval_steps", str(args.eval_steps),
-           "--logging_steps", str(min(10, args.eval_steps)), "--output_dir", str(out), *SIDES[name], *extra]
+           "--logging_steps", str(min(10, args.eval_steps)), "--output_dir", str(out), *arm_flags(name, args), *extra]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     shutil.copy(out / "train_log.jsonl", Path(args.out) / f"{name}_log.jsonl")
+    shutil.copy(out / "all_results.json", Path(args.out) / f"{name}_results.json")
 
 
-def read_curve(path):
-    """(seconds, tokens, loss) arrays of the eval records, and the median training rate over the logging
-    windows (steady state: compilation, autotuning and recompilation stalls are single outlier windows)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_curve(out, name):
+    """(seconds, tokens, loss) arrays of an arm's eval records, and its steady training rate: the median over the
+    logging windows (compilation, autotuning and recompilation stalls are single outlier windows), one per phase
+    (before and after the switch to dense)."""
+    rows = [json.loads(line) for line in (out / f"{name}_log.jsonl").read_text().splitlines() if line.strip()]
+    results_file = out / f"{name}_results.json"
+    switch = json.loads(results_file.read_text()).get("densified_at_step") if results_file.is_file() else None
     evals = [r for r in rows if "eval/loss" in r]
     curve = {k: np.array([r[key] for r in evals]) for k, key in
              (("seconds", "train/seconds"), ("tokens", "train/tokens"), ("loss", "eval/loss"))}
-    curve["steady_tokens_per_second"] = float(np.median([r["train/tokens_per_second"] for r in rows
-                                                         if "train/tokens_per_second" in r]))
+    windows = [r for r in rows if "train/tokens_per_second" in r]
+    tokens_per_step = curve["tokens"][-1] / max(r["step"] for r in rows)
+    phases = [w for w in ([r for r in windows if switch is None or r["step"] <= switch],
+                          [r for r in windows if switch is not None and r["step"] > switch]) if w]
+    # (tokens at which the phase starts, its median rate)
+    curve["phases"] = [(0.0 if i == 0 else switch * tokens_per_step,
+                        float(np.median([r["train/tokens_per_second"] for r in w]))) for i, w in enumerate(phases)]
+    curve["densified_at_step"] = switch
     return curve
+
+
+def steady_seconds(curve, tokens):
+    """Seconds to see `tokens` at the arm's steady rate in each phase: the time without the one-time costs."""
+    seconds = 0.0
+    for i, (begin, rate) in enumerate(curve["phases"]):
+        end = curve["phases"][i + 1][0] if i + 1 < len(curve["phases"]) else math.inf
+        seconds += max(0.0, min(tokens, end) - begin) / rate
+    return seconds
 
 
 def first_crossing(x, loss, target):
@@ -70,30 +98,28 @@ def first_crossing(x, loss, target):
 
 
 def summarize(curves):
-    dense, pix = curves["dense"], curves["pixelfly"]
-    # the loss both runs reach: the worse of the two final losses
-    target = float(max(dense["loss"][-1], pix["loss"][-1]))
-    t_dense, t_pix = first_crossing(dense["seconds"], dense["loss"], target), first_crossing(
-        pix["seconds"], pix["loss"], target)
-    tok_dense, tok_pix = first_crossing(dense["tokens"], dense["loss"], target), first_crossing(
-        pix["tokens"], pix["loss"], target)
-    steady_dense, steady_pix = (tok_dense / dense["steady_tokens_per_second"],
-                                tok_pix / pix["steady_tokens_per_second"])
-    common_tokens = float(min(dense["tokens"][-1], pix["tokens"][-1]))
-    at_tokens = {k: float(np.interp(common_tokens, c["tokens"], c["loss"])) for k, c in curves.items()}
-    return dict(
-        final={k: dict(loss=float(c["loss"][-1]), seconds=float(c["seconds"][-1]), tokens=int(c["tokens"][-1]),
-                       tokens_per_second=float(c["tokens"][-1] / c["seconds"][-1]),
-                       steady_tokens_per_second=c["steady_tokens_per_second"]) for k, c in curves.items()},
-        target_loss=target, seconds_to_target=dict(dense=t_dense, pixelfly=t_pix),
-        time_to_target_ratio_dense_over_pixelfly=t_dense / t_pix if t_dense and t_pix else None,
-        tokens_to_target=dict(dense=tok_dense, pixelfly=tok_pix),
-        # time to target at the steady training rate: without the one-time costs the short runs carry
-        steady_seconds_to_target=dict(dense=steady_dense, pixelfly=steady_pix),
-        steady_time_to_target_ratio_dense_over_pixelfly=steady_dense / steady_pix,
-        loss_at_equal_tokens=dict(tokens=common_tokens, **at_tokens,
-                                  pixelfly_over_dense=at_tokens["pixelfly"] / at_tokens["dense"]),
-    )
+    """Every arm against dense's final validation loss (the quality dense reaches in the budget)."""
+    dense = curves["dense"]
+    target = float(dense["loss"][-1])
+    common_tokens = float(min(c["tokens"][-1] for c in curves.values()))
+    summary = dict(target_loss=target, loss_at_equal_tokens=dict(tokens=common_tokens), arms={})
+    t_dense, tok_dense = float(dense["seconds"][-1]), float(first_crossing(dense["tokens"], dense["loss"], target))
+    steady_dense = steady_seconds(dense, tok_dense)
+    for name, c in curves.items():
+        seconds, tokens = first_crossing(c["seconds"], c["loss"], target), first_crossing(c["tokens"], c["loss"], target)
+        steady = steady_seconds(c, tokens) if tokens is not None else None
+        summary["loss_at_equal_tokens"][name] = float(np.interp(common_tokens, c["tokens"], c["loss"]))
+        summary["arms"][name] = dict(
+            final_loss=float(c["loss"][-1]), seconds=float(c["seconds"][-1]), tokens=int(c["tokens"][-1]),
+            tokens_per_second=float(c["tokens"][-1] / c["seconds"][-1]),
+            steady_tokens_per_second=[rate for _, rate in c["phases"]], densified_at_step=c["densified_at_step"],
+            # None: the arm did not reach dense's final loss within the budget
+            seconds_to_target=seconds, tokens_to_target=tokens, steady_seconds_to_target=steady,
+            time_to_target_speedup=t_dense / seconds if seconds else None,
+            steady_time_to_target_speedup=steady_dense / steady if steady else None,
+            tokens_to_target_over_dense=tokens / tok_dense if tokens is not None else None,
+        )
+    return summary
 
 
 def plot(curves, path, title):
@@ -123,28 +149,33 @@ def plot(curves, path, title):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time per side")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time per arm")
     parser.add_argument("--model_size", default="small")
     parser.add_argument("--eval_steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=100, help="warmup steps of the constant schedule")
-    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
-    parser.add_argument("--report-only", action="store_true", help="only summarize/plot DIR/<side>_log.jsonl")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--densify_at", type=float, default=0.75,
+                        help="pixelfly-then-dense: the fraction of the time trained as Pixelfly")
+    parser.add_argument("--report-only", action="store_true", help="only summarize/plot DIR/<arm>_log.jsonl")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, shipped text, seconds")
     args, extra = parser.parse_known_args(argv)  # everything else goes to the recipe
     if args.dry_run:
         data = ROOT / "recipes" / "data" / "shakespeare"
-        args.model_size, args.minutes, args.eval_steps, args.warmup = "tiny", 0.15, 10, 5
+        args.model_size, args.minutes, args.eval_steps, args.warmup = "tiny", 0.2, 2, 2
         extra += ["--train_file", str(data / "train.txt"), "--validation_file", str(data / "validation.txt"),
                   "--max_eval_samples", "32", "--per_device_train_batch_size", "8", "--seq_len", "64"]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if "dense" not in args.arms:
+        parser.error("--arms must include dense: every arm is measured against dense's final loss")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        for name in args.sides:
-            run_side(name, args, extra)
-    curves = {name: read_curve(Path(args.out) / f"{name}_log.jsonl") for name in SIDES}
+        for name in args.arms:
+            run_arm(name, args, extra)
+    curves = {name: read_curve(out, name) for name in args.arms if (out / f"{name}_log.jsonl").is_file()}
     summary = summarize(curves)
     summary["command"] = " ".join(["python", "benchmarks/quality_equal_time.py", *(argv or sys.argv[1:])])
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(curves, Path(args.out) / "loss.png", f"GPT-2 {args.model_size}: dense vs Pixelfly, equal training time")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(curves, out / "loss.png", f"GPT-2 {args.model_size}: dense, Pixelfly, Pixelfly then dense; equal training time")
     print(json.dumps(summary, indent=1))
 
 

@@ -52,9 +52,9 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--max_train_steps", type=int, default=None,
                    help="optimizer steps; overrides --num_train_epochs")
     g.add_argument("--densify_at", type=float, default=None,
-                   help="train Pixelfly for this fraction of --max_train_steps, then merge it into dense matrices "
-                        "(merge_and_unload) and train those for the rest; AdamW state carries over for the "
-                        "unchanged parameters")
+                   help="train Pixelfly for this fraction of --max_train_steps (or of --max_train_minutes, "
+                        "whichever comes first), then merge it into dense matrices (merge_and_unload) and train "
+                        "those for the rest; AdamW state carries over for the unchanged parameters")
     g.add_argument("--max_train_minutes", type=float, default=None,
                    help="also stop once training (not evaluation) has taken this long, checked every "
                         "--logging_steps; for equal-time comparisons (pair it with a constant lr schedule)")
@@ -348,14 +348,14 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
     def checkpoint_state(**position):
         seconds, units_seen = seen()
         return {"completed_steps": completed_steps, **position, "train_seconds": seconds, "units_seen": units_seen,
-                "densified": densified}
+                "densified": densified_at is not None, "densified_at": densified_at}
 
     def resume_from(checkpoint):
-        nonlocal model, optimizer, lr_scheduler, densified
-        if state.get("densified") and not densified:
+        nonlocal model, optimizer, lr_scheduler, densified_at
+        if state.get("densified") and densified_at is None:
             # the checkpoint holds the dense model and its optimizer: switch first so that they load into it
             model, optimizer, lr_scheduler = densify(accelerator, model, optimizer, lr_scheduler, args)
-            densified = True
+            densified_at = state.get("densified_at", densify_step)
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state['completed_steps']}")
 
@@ -365,7 +365,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
         accelerator.print(f"before training: {format_metrics(result['initial_eval'])}")
         log.write(eval_record(result["initial_eval"]), step=0)
 
-    densified = False
+    densified_at = None  # the step of the switch to dense
     if resume_dir is not None and state["completed_steps"] >= args.max_train_steps:
         resume_from(resume_dir)  # already finished: just reload
         resume_dir = None
@@ -373,6 +373,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                     disable=not accelerator.is_local_main_process)
     completed_steps = state["completed_steps"]
     time_budget = args.max_train_minutes * 60 if args.max_train_minutes else math.inf
+    densify_seconds = args.densify_at * time_budget if args.densify_at is not None else math.inf
     stopped_by = "steps"
     for epoch in range(state["epoch"], args.num_train_epochs):
         if completed_steps >= args.max_train_steps or stopped_by == "time":
@@ -407,24 +408,22 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 continue
             completed_steps += 1
             progress.update(1)
-            if completed_steps == densify_step and not densified:
-                model, optimizer, lr_scheduler = densify(accelerator, model, optimizer, lr_scheduler, args)
-                densified = True
-                model.train()
-                accelerator.print(f"step {completed_steps}: merged the Pixelfly matrices into dense ones "
-                                  f"(--densify_at {args.densify_at}); training on dense")
             now = time.perf_counter()
             window_seconds += now - tick
+            densify_now = completed_steps == densify_step
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 units = torch.tensor(float(window_units), dtype=torch.float64, device=accelerator.device)
-                # the time check rides on this reduction, so every process stops at the same step
-                over_time = torch.tensor(float(seen()[0] >= time_budget), dtype=torch.float64,
-                                         device=accelerator.device)
-                stats = accelerator.reduce(torch.stack([window_loss / window_micro, units, over_time]), reduction="sum")
+                # the time checks ride on this reduction, so every process stops (or densifies) at the same step
+                clock = seen()[0]
+                over_time = torch.tensor([float(clock >= time_budget), float(clock >= densify_seconds)],
+                                         dtype=torch.float64, device=accelerator.device)
+                stats = accelerator.reduce(torch.cat([torch.stack([window_loss / window_micro, units]), over_time]),
+                                           reduction="sum")
                 train_loss = stats[0].item() / accelerator.num_processes
                 units = int(stats[1].item())
                 if stats[2].item() > 0:
                     stopped_by = "time"
+                densify_now = densify_now or stats[3].item() > 0
                 record = {"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0],
                           f"train/{unit}_per_second": units / window_seconds, "epoch": epoch}
                 log.write(record, step=completed_steps)
@@ -432,6 +431,15 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
                 train_seconds += window_seconds
                 units_total += units
                 window_units, window_seconds, window_loss, window_micro = 0, 0.0, 0.0, 0
+            if densify_now and densified_at is None and stopped_by != "time":
+                # the merge counts as training time: an equal-time comparison must pay for it
+                tick = time.perf_counter()
+                model, optimizer, lr_scheduler = densify(accelerator, model, optimizer, lr_scheduler, args)
+                densified_at = completed_steps
+                model.train()
+                window_seconds += time.perf_counter() - tick
+                accelerator.print(f"step {completed_steps}: merged the Pixelfly matrices into dense ones "
+                                  f"(--densify_at {args.densify_at}); training on dense")
             last_step = completed_steps >= args.max_train_steps or stopped_by == "time"  # evaluated after the loop
             if args.eval_steps and completed_steps % args.eval_steps == 0 and not last_step:
                 metrics = evaluate_fn(model)
@@ -460,7 +468,7 @@ def fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader, eva
     log.write(eval_record(result["final_eval"]), step=completed_steps)
     result.update(completed_steps=completed_steps, train_seconds=train_seconds, stopped_by=stopped_by,
                   throughput=units_total / train_seconds if train_seconds else None, unit=unit,
-                  densified_at=densify_step if densified else None)
+                  densified_at=densified_at)
     if args.with_tracking:
         accelerator.end_training()
     return model, result

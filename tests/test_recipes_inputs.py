@@ -154,3 +154,25 @@ def test_gpt2_densify_at_switches_to_dense_and_resumes_across_the_switch(tmp_pat
     assert got[4]["train/lr"] == pytest.approx(want[4]["train/lr"])
     assert read_results(resumed)["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-6)
     assert json.loads((resumed / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_gpt2_densify_at_counts_the_time_budget_across_a_resume(tmp_path, hf_home):
+    """With --max_train_minutes, --densify_at is also a fraction of the time budget: a run resumed from a
+    checkpoint that has already trained past that share of it (here 100 s of a 120 s budget, densify_at 0.5)
+    switches to dense at its first logged step, though the step fraction (step 4 of 8) lies ahead."""
+    out = tmp_path / "out"
+    flags = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4", "--max_eval_samples",
+             "8", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out)]
+    run_recipe("gpt2_wikitext.py", [*flags, "--max_train_steps", "2", "--checkpointing_steps", "2"], hf_home)
+    state_file = out / "step_2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["densified"] is False and state["densified_at"] is None
+    state_file.write_text(json.dumps({**state, "train_seconds": 100.0}))
+
+    proc = run_recipe("gpt2_wikitext.py", [*flags, "--max_train_steps", "8", "--max_train_minutes", "2",
+                                           "--densify_at", "0.5", "--resume_from_checkpoint", "latest"], hf_home)
+    assert "step 3: merged the Pixelfly matrices into dense ones (--densify_at 0.5)" in proc.stdout
+    results = read_results(out)
+    assert results["densified_at_step"] == 3 and results["pixelfly"] is False
+    final_eval = read_log(out)[1][8]
+    assert final_eval["train/seconds"] > 100.0  # counted on from the checkpoint's time
