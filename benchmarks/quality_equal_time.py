@@ -7,8 +7,8 @@ against time and tokens, and how soon each reaches the loss dense ends with.
     python benchmarks/quality_equal_time.py --report-only --out DIR                  # re-plot finished runs
     python benchmarks/quality_equal_time.py --dry-run --out eqtime-dry              # CPU smoke test, tiny model
 
-Each arm is one `accelerate launch recipes/gpt2_wikitext.py` (bf16, torch.compile through accelerate's
---dynamo_backend, fused AdamW, constant learning rate after warmup so that stopping early is fair to all), with
+Each arm is one `accelerate launch recipes/gpt2_wikitext.py` (bf16, the recipe's default compilation: on a GPU
+torch.compile with CUDA graphs; fused AdamW; constant learning rate after warmup so that stopping early is fair), with
 --max_train_minutes as the stop. Pixelfly-then-dense trains Pixelfly for --densify_at of the time, then merges
 (merge_and_unload) and trains the dense model for the rest; the merge and the recompilation count as its time.
 The recipe logs the validation loss with the training seconds and tokens seen (train_log.jsonl), from which
@@ -42,8 +42,7 @@ def arm_flags(name, args):
 
 def run_arm(name, args, extra):
     out = Path(args.out) / name
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--dynamo_backend", "no" if args.dry_run else "inductor"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launch += ["--cpu", "--mixed_precision", "no"] if args.dry_run else ["--mixed_precision", "bf16"]
     cmd = [*launch, str(RECIPE), "--model_size", args.model_size, "--max_train_minutes", str(args.minutes),
            "--max_train_steps", "1000000", "--lr_scheduler_type", "constant_with_warmup",

@@ -120,7 +120,7 @@ def main(argv=None):
                     f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
                     + ("; the offline default: --model_name_or_path google-bert/bert-base-uncased --task_name sst2 "
                        "for GLUE" if shipped and minilm else ""))
-    accelerator = common.make_accelerator(args)
+    accelerator = common.make_accelerator(args, fixed_shapes=False)
     set_seed(args.seed)
 
     with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
@@ -58,6 +58,11 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--max_train_minutes", type=float, default=None,
                    help="also stop once training (not evaluation) has taken this long, checked every "
                         "--logging_steps; for equal-time comparisons (pair it with a constant lr schedule)")
+    g.add_argument("--torch_compile", choices=["auto", "off", "default", "cudagraphs"], default="auto",
+                   help="auto: on a GPU, torch.compile with the recipe's fastest safe mode (CUDA graphs where every "
+                        "batch has one shape: GPT-2, ViT; plain compile for BERT's padded batches) unless "
+                        "`accelerate launch --dynamo_backend` chose one; on CPU, eager. off: eager. default / "
+                        "cudagraphs: torch.compile without / with CUDA graphs (mode reduce-overhead)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear",
                    choices=[s.value for s in SchedulerType])
@@ -173,9 +178,32 @@ def announce(line):
 # Setup
 
 
-def make_accelerator(args):
-    """Mixed precision, distribution and CPU use come from `accelerate launch` / its config file."""
+def compile_plugin(args, *, fixed_shapes, cuda):
+    """How the Accelerator compiles the model (--torch_compile). `accelerate launch --dynamo_backend` always sets
+    ACCELERATE_DYNAMO_BACKEND (NO when not asked), which TorchDynamoPlugin() reads: 'auto' keeps any backend
+    chosen there and compiles on a GPU otherwise, since the Pixelfly step issues a few hundred Triton launches
+    whose host time compilation and CUDA graphs take away."""
+    launched = TorchDynamoPlugin()
+    choice = args.torch_compile
+    if choice == "off" or (choice == "auto" and (launched.backend != DynamoBackend.NO or not cuda)):
+        return TorchDynamoPlugin(backend="no") if choice == "off" else launched
+    if choice == "auto":
+        # a batch of a new shape would record a new graph: CUDA graphs only where every batch has one shape
+        choice = "cudagraphs" if fixed_shapes else "default"
+    return TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if choice == "cudagraphs" else "default")
+
+
+def make_accelerator(args, *, fixed_shapes):
+    """Mixed precision, distribution and CPU use come from `accelerate launch` / its config file; compilation
+    from --torch_compile (compile_plugin). fixed_shapes: every training batch has the same shape."""
+    plugin = compile_plugin(args, fixed_shapes=fixed_shapes, cuda=torch.cuda.is_available())
+    if plugin.backend != DynamoBackend.NO:
+        mode = "with CUDA graphs" if plugin.mode == "reduce-overhead" else f"mode {plugin.mode}"
+        if is_main_process():
+            print(f"compiling the model: torch.compile {plugin.backend.value.lower()}, {mode} "
+                  "(--torch_compile off for eager)", flush=True)
     accelerator = Accelerator(
+        dynamo_plugin=plugin,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,

@@ -126,7 +126,7 @@ def main(argv=None):
                     f"{'the shipped Shakespeare' if shipped else args.dataset_name or args.train_file} "
                     f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
                     + ("; the offline default: --dataset_name Salesforce/wikitext for WikiText-103" if shipped else ""))
-    accelerator = common.make_accelerator(args)
+    accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
     # Model config first: it is cheap and lets bad flags fail before any data is read.

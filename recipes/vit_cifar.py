@@ -146,7 +146,7 @@ def main(argv=None):
                     f"{'the shipped digits' if shipped else args.dataset_name or args.train_dir} "
                     f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
                     + ("; the offline default: --dataset_name uoft-cs/cifar10 for CIFAR-10" if shipped else ""))
-    accelerator = common.make_accelerator(args)
+    accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
     with accelerator.main_process_first():

@@ -176,3 +176,28 @@ def test_gpt2_densify_at_counts_the_time_budget_across_a_resume(tmp_path, hf_hom
     assert results["densified_at_step"] == 3 and results["pixelfly"] is False
     final_eval = read_log(out)[1][8]
     assert final_eval["train/seconds"] > 100.0  # counted on from the checkpoint's time
+
+
+@pytest.mark.parametrize("flag, launched, fixed_shapes, cuda, want", [
+    ("auto", None, True, True, ("INDUCTOR", "reduce-overhead")),   # GPT-2 / ViT on a GPU: CUDA graphs
+    ("auto", None, False, True, ("INDUCTOR", "default")),          # BERT's padded batches: plain compile
+    ("auto", None, True, False, ("NO", None)),                      # CPU: eager
+    ("auto", "NO", True, True, ("INDUCTOR", "reduce-overhead")),   # `accelerate launch` without --dynamo_backend
+    ("auto", "INDUCTOR", True, True, ("INDUCTOR", "default")),     # ... with it: the launcher's choice stands
+    ("off", "INDUCTOR", True, True, ("NO", None)),
+    ("cudagraphs", None, False, False, ("INDUCTOR", "reduce-overhead")),
+    ("default", "NO", True, True, ("INDUCTOR", "default")),
+])
+def test_torch_compile_flag_picks_the_dynamo_plugin(monkeypatch, flag, launched, fixed_shapes, cuda, want):
+    import common
+
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    if launched is not None:
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launched)
+    args = gpt2_wikitext.parse_args(["--torch_compile", flag])
+    plugin = common.compile_plugin(args, fixed_shapes=fixed_shapes, cuda=cuda)
+    backend, mode = want
+    assert plugin.backend.value == backend
+    if mode is not None:
+        assert plugin.mode == mode
