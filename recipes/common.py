@@ -60,7 +60,8 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
                         "--logging_steps; for equal-time comparisons (pair it with a constant lr schedule)")
     g.add_argument("--torch_compile", choices=["auto", "off", "default", "cudagraphs"], default="auto",
                    help="auto: on a GPU, torch.compile with the recipe's fastest safe mode (CUDA graphs where every "
-                        "batch has one shape: GPT-2, ViT; plain compile for BERT's padded batches) unless "
+                        "batch has one shape: GPT-2, ViT in one process; plain compile for BERT's padded batches "
+                        "and for several processes) unless "
                         "`accelerate launch --dynamo_backend` chose one; on CPU, eager. off: eager. default / "
                         "cudagraphs: torch.compile without / with CUDA graphs (mode reduce-overhead)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -188,8 +189,10 @@ def compile_plugin(args, *, fixed_shapes, cuda):
     if choice == "off" or (choice == "auto" and (launched.backend != DynamoBackend.NO or not cuda)):
         return TorchDynamoPlugin(backend="no") if choice == "off" else launched
     if choice == "auto":
-        # a batch of a new shape would record a new graph: CUDA graphs only where every batch has one shape
-        choice = "cudagraphs" if fixed_shapes else "default"
+        # a batch of a new shape would record a new graph: CUDA graphs only where every batch has one shape, and
+        # in one process (graphs around DDP's gradient all-reduce were not tried)
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        choice = "cudagraphs" if fixed_shapes and single else "default"
     return TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if choice == "cudagraphs" else "default")
 
 

@@ -187,12 +187,15 @@ def test_gpt2_densify_at_counts_the_time_budget_across_a_resume(tmp_path, hf_hom
     ("off", "INDUCTOR", True, True, ("NO", None)),
     ("cudagraphs", None, False, False, ("INDUCTOR", "reduce-overhead")),
     ("default", "NO", True, True, ("INDUCTOR", "default")),
+    ("auto", "NO", True, "ddp", ("INDUCTOR", "default")),          # several processes: no CUDA graphs
 ])
 def test_torch_compile_flag_picks_the_dynamo_plugin(monkeypatch, flag, launched, fixed_shapes, cuda, want):
     import common
 
-    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
+    if cuda == "ddp":
+        monkeypatch.setenv("WORLD_SIZE", "2")
     if launched is not None:
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launched)
     args = gpt2_wikitext.parse_args(["--torch_compile", flag])
