@@ -60,6 +60,7 @@ def test_reference_matches_float64_definition(causal, period):
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU on purpose
 @pytest.mark.parametrize("n_global", [4, 16], ids=["partial-global-block", "whole-global-block"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_path_matches_reference_on_cpu(causal, n_global):

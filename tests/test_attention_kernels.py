@@ -120,6 +120,8 @@ def check_tiles(causal, config, s, spec, b=2, h=3, heavy_factor=launch.HEAVY_BLO
 
 
 @interpreted
+# the interpreter evaluates log2(0) of the row with no key in numpy, which warns; the kernel handles that row
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 @pytest.mark.parametrize("causal", [True, False])
 def test_key_padding_and_a_row_with_no_key(causal):
     """Batch row 0 pads its last 40 keys; batch row 1 keeps no key at all: zeros there, not NaN, in output and grads."""

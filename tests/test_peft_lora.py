@@ -14,6 +14,7 @@ def pixelfly_mlp_gpt2():
     return get_model(GPT2LMHeadModel(gpt2_config()).eval(), PixelflyConfig(**SMALL, target_modules=["mlp"]))
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft calls it
 def test_lora_on_the_dense_attention_of_a_pixelfly_gpt2_trains_saves_loads_and_merges(tmp_path):
     torch.manual_seed(0)
     model = pixelfly_mlp_gpt2()

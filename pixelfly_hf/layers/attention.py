@@ -49,9 +49,15 @@ def pattern_of(config: PixelflyAttentionConfig) -> PatternSpec:
     return PatternSpec(config.block_size, config.butterfly_size, config.n_factors, config.n_global_tokens)
 
 
-@lru_cache(maxsize=32)
+# parsed once per distinct options dict; a plain dict, not lru_cache, which torch.compile warns it traces through
+_CONFIGS: dict[tuple, PixelflyAttentionConfig] = {}
+
+
 def _config_from_items(items: tuple) -> PixelflyAttentionConfig:
-    return PixelflyAttentionConfig.from_dict(dict(items))
+    config = _CONFIGS.get(items)
+    if config is None:
+        config = _CONFIGS[items] = PixelflyAttentionConfig.from_dict(dict(items))
+    return config
 
 
 def settings_of(module: torch.nn.Module) -> PixelflyAttentionConfig:
@@ -77,12 +83,20 @@ def choose_attention(seq_len: int, settings: PixelflyAttentionConfig | None = No
                              settings.max_density_for_sparse, causal)
 
 
-# Cached (it runs on every attention call) and a constant to torch.compile, which calls it once while tracing:
-# neither its pattern arithmetic nor its log line end up in (or break) the graph.
-@lru_cache(maxsize=256)
+# A constant to torch.compile, which calls it once while tracing: neither its pattern arithmetic nor its log line
+# end up in (or break) the graph. The cache (it runs on every eager attention call) sits inside, where Dynamo
+# does not look: it warns about any lru_cache it traces through.
 @torch.compiler.assume_constant_result
 def _choose_attention(seq_len: int, block_size: int, butterfly_size: int | None, n_factors: int, n_global: int,
                       min_seq_len_for_sparse: int, max_density_for_sparse: float, causal: bool) -> str:
+    return _choose_attention_cached(seq_len, block_size, butterfly_size, n_factors, n_global,
+                                    min_seq_len_for_sparse, max_density_for_sparse, causal)
+
+
+@lru_cache(maxsize=256)
+def _choose_attention_cached(seq_len: int, block_size: int, butterfly_size: int | None, n_factors: int,
+                             n_global: int, min_seq_len_for_sparse: int, max_density_for_sparse: float,
+                             causal: bool) -> str:
     density = block_density(seq_len, PatternSpec(block_size, butterfly_size, n_factors, n_global), causal)
     if seq_len < min_seq_len_for_sparse:
         choice, why = "sdpa", f"shorter than min_seq_len_for_sparse={min_seq_len_for_sparse}"
