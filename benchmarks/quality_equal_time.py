@@ -25,14 +25,12 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "gpt2_wikitext.py"
+from recipe_runs import ROOT, launch_recipe, read_log  # benchmarks/recipe_runs.py
 ARMS = ("dense", "pixelfly", "pixelfly-then-dense")
 
 
@@ -42,14 +40,11 @@ def arm_flags(name, args):
 
 def run_arm(name, args, extra):
     out = Path(args.out) / name
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    launch += ["--cpu", "--mixed_precision", "no"] if args.dry_run else ["--mixed_precision", "bf16"]
-    cmd = [*launch, str(RECIPE), "--model_size", args.model_size, "--max_train_minutes", str(args.minutes),
-           "--max_train_steps", "1000000", "--lr_scheduler_type", "constant_with_warmup",
-           "--num_warmup_steps", str(args.warmup), "--eval_steps", str(args.eval_steps),
-           "--logging_steps", str(min(10, args.eval_steps)), "--output_dir", str(out), *arm_flags(name, args), *extra]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    launch_recipe("gpt2_wikitext.py", out, [
+        "--model_size", args.model_size, "--max_train_minutes", str(args.minutes), "--max_train_steps", "1000000",
+        "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", str(args.warmup),
+        "--eval_steps", str(args.eval_steps), "--logging_steps", str(min(10, args.eval_steps)),
+        *arm_flags(name, args), *extra], cpu=args.dry_run)
     shutil.copy(out / "train_log.jsonl", Path(args.out) / f"{name}_log.jsonl")
     shutil.copy(out / "all_results.json", Path(args.out) / f"{name}_results.json")
 
@@ -58,7 +53,7 @@ def read_curve(out, name):
     """(seconds, tokens, loss) arrays of an arm's eval records, and its steady training rate: the median over the
     logging windows (compilation, autotuning and recompilation stalls are single outlier windows), one per phase
     (before and after the switch to dense)."""
-    rows = [json.loads(line) for line in (out / f"{name}_log.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_log(out / f"{name}_log.jsonl")
     results_file = out / f"{name}_results.json"
     switch = json.loads(results_file.read_text()).get("densified_at_step") if results_file.is_file() else None
     evals = [r for r in rows if "eval/loss" in r]

