@@ -1,15 +1,13 @@
 """The launchers of the butterfly kernels: Y = X @ S^T, dX = dY @ S and dW, each autotuned on the GPU (autotune.py
 over butterfly_configs.py), with a fixed tile in the interpreter, or with an explicit config.
 
-Repeat eager calls go through the launch cache (launch_cache.py); while torch.compile traces, through the
-traceable `wrap_triton`.
+Repeat calls (eager, or the custom ops in a torch.compile graph) go through the launch cache (launch_cache.py).
 """
 import functools
 import os
 
 import torch
 import triton
-from torch.library import wrap_triton
 
 from .autotune import GraphTimedAutotuner
 from .butterfly_configs import (DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, DwConfig, MatmulConfig, prune_dw, prune_matmul,
@@ -31,26 +29,13 @@ _butterfly_dw_split_tuned = GraphTimedAutotuner(butterfly_dw_kernel, DW_SPLIT_CO
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned base addresses and row strides. While torch.compile traces (fake
-    tensors: no address yet) the storage offset decides: allocations are aligned, and Inductor copies graph
-    inputs that are not."""
-    def base_aligned(t):
-        if type(t) in (torch.Tensor, torch.nn.Parameter):
-            return t.data_ptr() % 16 == 0
-        return t.storage_offset() * t.element_size() % 16 == 0
-
-    return all(base_aligned(t) and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+    """TMA descriptors need 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _tma_scratch(size: int, alignment: int, stream):
     # device-side descriptors live in a small global scratch buffer that Triton asks the allocator for
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
-
-
-def _traced(*tensors: torch.Tensor) -> bool:
-    """Fake or functional tensors: torch.compile is tracing a triton_op's body."""
-    return any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
-
 
 
 def _check_matmul_config(config: MatmulConfig, tma_aligned: bool, k_patch: int, n_patch: int):
@@ -90,12 +75,7 @@ def _launch(kernel, tuned, grid, args, kwargs, config):
     # per launch, not once: the allocator is a ContextVar, and autograd runs the backward in its own thread
     triton.set_allocator(_tma_scratch)
     if config is None:
-        # plain tensors: launch directly; fake/functional tensors mean torch.compile is tracing the triton_op,
-        # which needs the traceable wrapper (in eager the wrapper would route every call through a HOP)
-        if _traced(*(a for a in args if isinstance(a, torch.Tensor))):
-            wrap_triton(tuned)[grid](*args, **kwargs)
-        else:
-            launch_tuned(tuned, grid, args, kwargs)
+        launch_tuned(tuned, grid, args, kwargs)
         return
     meta = config.meta()
     kernel[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -195,12 +175,10 @@ def butterfly_matmul_t(grad, weight, dz=None, lowrank_v=None, out=None, config=N
     return _launch_mm(grad, weight, None, dz, lowrank_v, partner_weight=True, out=out, config=config)
 
 
-def _dw_token_split(tiles: int, num_sms: int, traced: bool) -> bool:
+def _dw_token_split(tiles: int, num_sms: int) -> bool:
     """Less than one wave of 128 x 128 dW tiles: the split kernel can spread the tokens over the idle SMs. Its
-    atomic adds sum in no fixed order, so not under torch.use_deterministic_algorithms; and not in torch.compile's
-    graphs, where its dW came out hundreds of times too large on the GPU (docs/dev/optimisation-notes.md: the partial
-    sums of repeated runs pile up in the zeroed buffer) and the direct kernel is exact."""
-    return tiles < num_sms and not traced and not torch.are_deterministic_algorithms_enabled()
+    atomic adds sum in no fixed order, so not under torch.use_deterministic_algorithms."""
+    return tiles < num_sms and not torch.are_deterministic_algorithms_enabled()
 
 
 def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, out=None, config=None) -> torch.Tensor:
@@ -222,7 +200,7 @@ def butterfly_matmul_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butte
     if config is None and INTERPRET:  # the interpreter cannot time configs: a fixed tile
         config = DwConfig(_tile(q, 16, 128), _tile(p, 16, 128), _tile(M, 16, 64), 4, 3)
     if config is None:
-        atomic = _dw_token_split(B * F * triton.cdiv(q, 128) * triton.cdiv(p, 128), _num_sms(x.device), _traced(grad, x))
+        atomic = _dw_token_split(B * F * triton.cdiv(q, 128) * triton.cdiv(p, 128), _num_sms(x.device))
     else:
         _check_dw_config(config, tma_aligned, p)
         atomic = config.split_k > 1

@@ -1,15 +1,17 @@
 """The butterfly products as torch custom ops with autograd.
 
-They are `triton_op`s: torch.compile traces their bodies, so Inductor launches the Triton kernels from its own
-generated code (no Python per call, CUDA-graph friendly) and no graph breaks. Eager callers use `butterfly_linear`,
-which runs the same forward and backward through a plain autograd.Function: the custom-op dispatch and its generated
-backward node cost more host time per call than the short kernels run (docs/dev/optimisation-notes.md). `backend` picks
-the implementation: "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device).
+They are opaque custom ops: torch.compile (Inductor, CUDA graphs) keeps each as one call in its graph, with no graph
+break, and runs it through the same launchers as eager code, so compiled and eager models use the same autotuned
+kernels, tuning cache and launch cache. torch.compile only traces the fake implementations (shapes and dtypes), which
+the CPU tests cover. Eager callers use `butterfly_linear`, which runs the same forward and backward through a plain
+autograd.Function: the custom-op dispatch and its generated backward node cost more host time per call than the short
+kernels run (docs/dev/optimisation-notes.md). `backend` picks the implementation: "triton" (CUDA, or CPU under
+TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device).
 """
 from typing import Optional
 
 import torch
-from torch.library import triton_op
+from torch.library import custom_op
 
 from . import butterfly_launch, reference
 
@@ -24,7 +26,7 @@ def _impl(backend: str):
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
 
 
-@triton_op("pixelfly::butterfly_mm", mutates_args=())
+@custom_op("pixelfly::butterfly_mm", mutates_args=())
 def butterfly_mm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -43,13 +45,21 @@ def butterfly_mm(
     return _forward(x, weight, bias, lowrank_u, lowrank_v, backend)
 
 
+@butterfly_mm.register_fake
+def _(x, weight, bias, lowrank_u, lowrank_v, backend):
+    _impl(backend)
+    B, F, q, p = weight.shape
+    z = x.new_empty(x.shape[0], lowrank_v.shape[0]) if lowrank_v is not None else x.new_empty(0)
+    return x.new_empty(x.shape[0], B * q), z
+
+
 def _forward(x, weight, bias, lowrank_u, lowrank_v, backend):
     z = x @ lowrank_v.T if lowrank_v is not None else None
     y = _impl(backend).butterfly_matmul(x, weight, bias, z, lowrank_u)
     return y, z if z is not None else x.new_empty(0)
 
 
-@triton_op("pixelfly::butterfly_mm_t", mutates_args=())
+@custom_op("pixelfly::butterfly_mm_t", mutates_args=())
 def butterfly_mm_t(
     grad: torch.Tensor, weight: torch.Tensor, dz: Optional[torch.Tensor], lowrank_v: Optional[torch.Tensor], backend: str
 ) -> torch.Tensor:
@@ -57,10 +67,23 @@ def butterfly_mm_t(
     return _impl(backend).butterfly_matmul_t(grad, weight, dz, lowrank_v)
 
 
-@triton_op("pixelfly::butterfly_mm_dw", mutates_args=())
+@butterfly_mm_t.register_fake
+def _(grad, weight, dz, lowrank_v, backend):
+    _impl(backend)
+    B, F, q, p = weight.shape
+    return grad.new_empty(grad.shape[0], B * p)
+
+
+@custom_op("pixelfly::butterfly_mm_dw", mutates_args=())
 def butterfly_mm_dw(grad: torch.Tensor, x: torch.Tensor, n_slots: int, butterfly_size: int, backend: str) -> torch.Tensor:
-    """dW (B, F, q, p) of Y = X @ S^T."""
+    """dW (B, F, q, p) of Y = X @ S^T, in x's dtype."""
     return _impl(backend).butterfly_matmul_dw(grad, x, n_slots, butterfly_size)
+
+
+@butterfly_mm_dw.register_fake
+def _(grad, x, n_slots, butterfly_size, backend):
+    _impl(backend)
+    return x.new_empty(butterfly_size, n_slots, grad.shape[1] // butterfly_size, x.shape[1] // butterfly_size)
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,7 +91,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lowrank_u, lowrank_v, output[1])
     ctx.has_bias = bias is not None
     ctx.backend = backend
-    ctx.direct = False  # the backward calls the ops (traceable), not the launchers
+    ctx.direct = False  # the backward calls the ops (what torch.compile traces), not the launchers
 
 
 def _backward(ctx, grad, grad_z):

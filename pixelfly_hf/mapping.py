@@ -191,6 +191,7 @@ def get_model(model: nn.Module, config: PixelflyConfig) -> nn.Module:
         if getattr(module, "config", None) is old_config:
             module.config = new_config
     model.__class__ = pixelfly_class
+    model.name_default_loss()
     if config.attention == "pixelfly":
         from .layers import attention  # noqa: F401  (registers "pixelfly" with transformers)
 

@@ -331,14 +331,13 @@ def test_dw_all_slots_and_token_splits_match_dense_masked_float64(dtype, shape, 
 
 def test_dw_token_split_only_below_a_wave_and_never_when_deterministic():
     """The launcher sends a dW shape to the split kernel only when 128 x 128 tiles leave SMs idle (1024 -> 4096 at
-    butterfly size 16: 96 tiles on 132 SMs), outside torch.compile's graphs, and never under
-    torch.use_deterministic_algorithms: atomic adds sum the shares in no fixed order. The split kernel's autotuner gets all-slot tiles only where they fit 128 x 256 and
+    butterfly size 16: 96 tiles on 132 SMs), and never under torch.use_deterministic_algorithms: atomic adds sum
+    the shares in no fixed order. The split kernel's autotuner gets all-slot tiles only where they fit 128 x 256 and
     token splits only where each share keeps 1024 tokens."""
-    assert triton_impl._dw_token_split(96, 132, False) and not triton_impl._dw_token_split(192, 132, False)
-    assert not triton_impl._dw_token_split(96, 132, True)  # torch.compile's graphs keep the direct kernel
+    assert triton_impl._dw_token_split(96, 132) and not triton_impl._dw_token_split(192, 132)
     torch.use_deterministic_algorithms(True)
     try:
-        assert not triton_impl._dw_token_split(96, 132, False)
+        assert not triton_impl._dw_token_split(96, 132)
     finally:
         torch.use_deterministic_algorithms(False)
 

@@ -78,3 +78,48 @@ def test_auto_classes_load_a_saved_pixelfly_model_after_a_bare_import(tmp_path):
     result = _python(load)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["PixelflyGPT2LMHeadModel", "PixelflyLinear"]
+
+
+# A stock GPT-2 asking for "pixelfly" by name: settings on its config, sparse from 32 tokens (16-token blocks)
+_STOCK_MODEL = (
+    "import torch\n"
+    "from transformers import AutoModelForCausalLM, GPT2Config\n"
+    "options = {'block_size': 16, 'n_factors': 1, 'n_global_tokens': 16, 'min_seq_len_for_sparse': 32,\n"
+    "           'max_density_for_sparse': 1.0}\n"
+    "config = GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=50, n_positions=128, bos_token_id=0,\n"
+    "                    eos_token_id=0, pixelfly_attention=options)\n"
+)
+_COMPARE_WITH_SDPA = (
+    "import copy\n"
+    "dense = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation='sdpa').eval()\n"
+    "model.load_state_dict(dense.state_dict())\n"
+    "model.eval()\n"
+    "ids = torch.randint(0, 50, (2, 96))\n"
+    "with torch.no_grad():\n"
+    "    sparse_gap = (model(ids).logits - dense(ids).logits).abs().max().item()\n"
+    "    short_gap = (model(ids[:, :16]).logits - dense(ids[:, :16]).logits).abs().max().item()\n"
+    "print(model.config._attn_implementation, sparse_gap > 1e-3, short_gap < 1e-5)\n"
+)
+
+
+def test_attn_implementation_pixelfly_works_right_after_import_pixelfly_hf():
+    """`attn_implementation="pixelfly"` on a stock model in a fresh process that imported only pixelfly_hf: the
+    function is registered (while `import pixelfly_hf` still leaves transformers' modeling code unloaded) and is the
+    one that runs: it attends sparsely at 96 tokens and falls back to dense SDPA below min_seq_len_for_sparse."""
+    code = ("import pixelfly_hf\n" + _STOCK_MODEL
+            + "model = AutoModelForCausalLM.from_config(config, attn_implementation='pixelfly')\n" + _COMPARE_WITH_SDPA)
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["pixelfly", "True", "True"]
+
+
+def test_attn_implementation_pixelfly_from_pretrained_and_with_modeling_imported_first(tmp_path):
+    """A saved stock model loaded back with `attn_implementation="pixelfly"`, in a process that had loaded
+    transformers' modeling code before importing pixelfly_hf (the registration happens at once then)."""
+    code = ("import transformers.modeling_utils\nimport pixelfly_hf\n" + _STOCK_MODEL
+            + "AutoModelForCausalLM.from_config(config).save_pretrained(" + repr(str(tmp_path)) + ")\n"
+            + "model = AutoModelForCausalLM.from_pretrained(" + repr(str(tmp_path)) + ", attn_implementation='pixelfly')\n"
+            + _COMPARE_WITH_SDPA)
+    result = _python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["pixelfly", "True", "True"]

@@ -1,5 +1,4 @@
-"""The autotuner configs of the Triton kernels compile for the H100/H200 (sm_90) here, without a GPU, and
-torch.compile's reading of the kernels (which tensors each one writes) is right.
+"""The autotuner configs of the Triton kernels compile for the H100/H200 (sm_90) here, without a GPU.
 
 The default suite compiles one config of each kernel variant per product (tests/compile_sm90.py, variant_signature);
 PIXELFLY_COMPILE_EVERY_CONFIG=1 compiles every config (five times as many; run it after changing the kernels or the
@@ -86,18 +85,3 @@ def test_k_tail_steps_compile_with_tensor_cores_and_tma():
     assert len(rows) == 4 and {r["tma"] for r in rows} == {True, False}
     for r in rows:
         assert r["wgmma"] and r["bulk_tensor_copies"] == r["tma"] and r["shared_bytes"] <= H100_SHARED_BYTES, r
-
-
-def test_torch_compile_reads_exactly_the_outputs_as_written():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("mutation_analysis.py"))], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert len(rows) == 10
-    for case, row in rows.items():
-        if case.startswith("forward"):  # TMA-descriptor stores included
-            assert row["writes"] == ["out_ptr"], row
-            assert row["reads"] == ["a_ptr", "bias_ptr", "l_ptr", "w_ptr", "z_ptr"], row
-        else:
-            assert row["writes"] == ["dw_ptr"] and row["reads"] == ["g_ptr", "x_ptr"], row

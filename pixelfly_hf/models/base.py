@@ -149,10 +149,18 @@ def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None
 
 
 class PixelflyModelMixin:
-    """Mixed in before the transformers model class: builds the dense model, then installs the Pixelfly plan."""
+    """Mixed in before the transformers model class: builds the dense model, then installs the Pixelfly plan.
+
+    default_loss_type: the transformers loss (a LOSS_MAPPING key) of a class whose name names none (GPT2LMHeadModel,
+    so its Pixelfly subclass too). Without it transformers warns "loss_type=None ... unrecognized" on each forward
+    with labels, a logging call that also splits every torch.compile graph there.
+    """
+
+    default_loss_type: str | None = None
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        self.name_default_loss()
         modules = (getattr(config, "pixelfly", None) or {}).get("modules")
         if not modules:
             raise ValueError(
@@ -161,6 +169,11 @@ class PixelflyModelMixin:
                 "a saved one with from_pretrained."
             )
         install_pixelfly_layers(self.base_model, modules, project=False)
+
+    def name_default_loss(self) -> None:
+        """Set `loss_type` to default_loss_type where transformers found none (at init, or after get_model)."""
+        if self.default_loss_type and getattr(self, "loss_type", None) is None:
+            self.loss_type = self.default_loss_type
 
     @classmethod
     def _finalize_model_loading(cls, model, load_config, loading_info):

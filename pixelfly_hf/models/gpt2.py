@@ -18,12 +18,7 @@ class PixelflyGPT2Model(PixelflyModelMixin, GPT2Model):
 
 class PixelflyGPT2LMHeadModel(PixelflyModelMixin, GPT2LMHeadModel):
     config_class = PixelflyGPT2Config
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        # transformers picks the loss from the class name, which names none here: without this it warns
-        # "loss_type=None ... unrecognized" on the first forward with labels of every loaded model
-        self.loss_type = "ForCausalLM"
+    default_loss_type = "ForCausalLM"
 
 
 class PixelflyGPT2ForSequenceClassification(PixelflyModelMixin, GPT2ForSequenceClassification):
