@@ -1,16 +1,15 @@
 """pixelfly_hf: Pixelfly (flat block butterfly + low-rank) layers for Hugging Face Transformers.
 
-Importing it registers the Pixelfly model types with the Auto classes (their model classes load when a Pixelfly
-config is built) and the "pixelfly" attention with transformers (once transformers' modeling code loads, see
-attention_hook.py). The layers, the planner and get_model load on first use: they pull in torch's compiler stack
-and the Triton kernels, which a script that only loads or configures a model should not pay for at import.
+Importing it registers the Pixelfly model types with the Auto classes and the "pixelfly" attention with
+transformers, each as soon as transformers loads the module that needs it (registration.py), so the import itself
+loads neither torch nor transformers. The layers, the planner and get_model load on first use.
 """
 import importlib
 
-from . import attention_hook, models  # noqa: F401  (models registers the Pixelfly config types with AutoConfig)
+from . import registration
 from .config import PixelflyAttentionConfig, PixelflyConfig
 
-attention_hook.install()
+registration.install()
 
 __version__ = "0.1.0"
 

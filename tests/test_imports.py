@@ -16,9 +16,10 @@ MODULES = [
     "pixelfly_hf.models.gpt2",
     "pixelfly_hf.mapping",
 ]
-# loaded only once a layer, the planner, get_model or Pixelfly attention is used
-HEAVY = ["pixelfly_kernels", "triton", "torch._dynamo", "transformers.modeling_utils",
-         "transformers.models.gpt2.modeling_gpt2", "pixelfly_hf.layers", "pixelfly_hf.mapping"]
+# loaded only once transformers' Auto classes or model code, a layer, the planner or get_model is used
+HEAVY = ["torch", "transformers.configuration_utils", "pixelfly_hf.models", "pixelfly_kernels", "triton",
+         "transformers.modeling_utils", "transformers.models.gpt2.modeling_gpt2", "pixelfly_hf.layers",
+         "pixelfly_hf.mapping"]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -56,8 +57,23 @@ def test_import_pixelfly_hf_leaves_the_heavy_modules_unloaded():
     result = _python("import pixelfly_hf")
     assert result.returncode == 0, result.stderr[-3000:]
     imported = _imported(result.stderr)
-    assert "pixelfly_hf.models.configs" in imported  # the log is read correctly
+    assert "pixelfly_hf.registration" in imported  # the log is read correctly
     assert [name for name in HEAVY if name in imported] == []
+
+
+def test_the_pixelfly_types_are_registered_whichever_transformers_module_loads_first():
+    """Registration waits for transformers' Auto package and modeling code (registration.py): each entry point a user
+    may reach first, in a fresh process after `import pixelfly_hf`, ends with the config types and the attention
+    registered (an Auto module imports the configuration module half-way through its own code)."""
+    check = ("from transformers import AutoConfig, AttentionInterface\n"
+             "print(type(AutoConfig.for_model('pixelfly_gpt2')).__name__, 'pixelfly' in AttentionInterface())\n")
+    firsts = ["from transformers import AutoConfig", "from transformers import AutoModelForCausalLM",
+              "from transformers import AutoTokenizer", "from transformers import GPT2LMHeadModel",
+              "from transformers import BertConfig", "from transformers import pipeline"]
+    for first in firsts:
+        result = _python(f"import pixelfly_hf\n{first}\n{check}")
+        assert result.returncode == 0, (first, result.stderr[-3000:])
+        assert result.stdout.split() == ["PixelflyGPT2Config", "True"], first
 
 
 def test_auto_classes_load_a_saved_pixelfly_model_after_a_bare_import(tmp_path):
