@@ -7,7 +7,6 @@ import transformers
 
 from pixelfly_hf import PixelflyAttentionConfig
 from pixelfly_hf.layers.attention import choose_attention, pattern_of, pixelfly_attention_forward
-from pixelfly_kernels.attention_reference import random_feature_projection, sparse_performer_attention
 from pixelfly_kernels.butterfly_attention import PatternSpec, flex_pixelfly_attention, get_block_mask
 
 SMALL = dict(block_size=16, n_factors=1, n_global_tokens=4, min_seq_len_for_sparse=0, max_density_for_sparse=1.0)
@@ -126,30 +125,6 @@ def test_global_tokens_counted_once():
     out, _ = pixelfly_attention_forward(module, q, k, v, None)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-5)
-
-
-def test_performer_joint_normalisation_counts_each_key_once():
-    q, k, v = (t * 0.5 for t in qkv(b=1, h=1, s=32, d=16))
-    scale = 0.25
-    keep = torch.ones(32, 32, dtype=torch.bool).tril()
-    sparse = allowed_by_definition(32, 8, 1, 0, True)
-    proj = random_feature_projection(24, 16, seed=3)
-    out = sparse_performer_attention(q, k, v, keep, sparse, proj, scale)
-    # brute force, one (query, key) pair at a time
-    xs = lambda x: x.double()[0, 0] * scale**0.5  # noqa: E731
-    phi = lambda x: torch.exp(x @ proj.double().T - 0.5 * (x * x).sum(-1, keepdim=True)) / 24**0.5  # noqa: E731
-    fq, fk = phi(xs(q)), phi(xs(k))
-    expected = torch.zeros(32, 16, dtype=torch.float64)
-    for i in range(32):
-        num, den = torch.zeros(16, dtype=torch.float64), 0.0
-        for j in range(i + 1):
-            w = torch.exp(q[0, 0, i].double() @ k[0, 0, j].double() * scale) if sparse[i, j] else fq[i] @ fk[j]
-            num, den = num + w * v[0, 0, j].double(), den + w
-        expected[i] = num / den
-    torch.testing.assert_close(out[0, 0].double(), expected, atol=1e-5, rtol=1e-5)
-    # sparse support covering every allowed key -> exact softmax, the features contribute nothing
-    exact = sparse_performer_attention(q, k, v, keep, keep, proj, scale)
-    torch.testing.assert_close(exact.double(), softmax_float64(q, k, v, keep, scale), atol=1e-5, rtol=1e-5)
 
 
 def test_causal_no_leakage():
