@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
     p.add_argument("--logs", type=Path, default=None, help="folder for each stage's full output (default: a temp dir)")
     p.add_argument("--skip", nargs="+", choices=STAGES, default=[])
+    p.add_argument("--tests", nargs="+", default=["tests"], help="what pytest -m gpu collects (default: all tests)")
     p.add_argument("--budget_s", type=float, default=530.0,
                    help="stop starting stages (and cut the running one) after this many seconds in all")
     p.add_argument("--recipe_steps", type=int, default=30)
@@ -92,10 +93,10 @@ class Run:
         return {"rc": rc, "seconds": seconds, "log_tail": tail}
 
 
-def run_tests(run: Run) -> dict:
+def run_tests(run: Run, paths: list[str]) -> dict:
     junit = run.logs / "pytest.xml"
     result = run("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                           "--durations=15", f"--junitxml={junit}", "tests"])
+                           "--durations=15", f"--junitxml={junit}", *paths])
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failures = []
     if junit.exists():
@@ -123,12 +124,12 @@ RECIPES = {
     # name: (script, Auto class, inputs built in the reload process, extra flags)
     "gpt2": ("gpt2_wikitext.py", "AutoModelForCausalLM",
              "{'input_ids': torch.randint(0, 50257, (2, 64), device='cuda')}", []),
-    "gpt2_densify": ("gpt2_wikitext.py", "AutoModelForCausalLM",
-                     "{'input_ids': torch.randint(0, 50257, (2, 64), device='cuda')}", ["--densify_at", "0.5"]),
     "bert": ("bert_glue.py", "AutoModelForSequenceClassification",
              "{'input_ids': torch.randint(1000, 20000, (2, 64), device='cuda')}", []),
     "vit": ("vit_cifar.py", "AutoModelForImageClassification",
             "{'pixel_values': torch.randn(2, 3, model.config.image_size, model.config.image_size, device='cuda')}", []),
+    "gpt2_densify": ("gpt2_wikitext.py", "AutoModelForCausalLM",
+                     "{'input_ids': torch.randint(0, 50257, (2, 64), device='cuda')}", ["--densify_at", "0.5"]),
 }
 
 
@@ -190,14 +191,15 @@ def main(argv=None) -> int:
     head, dirty = commit()
     report = {"commit": head, "tree_differs_from_commit": dirty,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "gpu": torch.cuda.get_device_name(), "versions": versions(), "skipped_stages": args.skip}
+              "gpu": torch.cuda.get_device_name(), "versions": versions(), "skipped_stages": args.skip,
+              "tests_collected_from": args.tests}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         logs = args.logs or work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         run = Run(args.budget_s, logs)
-        stages = {"tests": lambda: run_tests(run), "recipes": lambda: run_recipes(run, args, work),
+        stages = {"tests": lambda: run_tests(run, args.tests), "recipes": lambda: run_recipes(run, args, work),
                   "bench": lambda: run_bench(run, args, work)}
         for stage, fn in stages.items():
             if stage in args.skip:
