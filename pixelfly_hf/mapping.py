@@ -11,6 +11,7 @@ import warnings
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .calibration import input_covariances
 from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
 from .models import import_architectures
@@ -171,19 +172,30 @@ def _pixelfly_model_config(arch, old_config, plan: dict, config: PixelflyConfig)
     return new_config
 
 
-def get_model(model: nn.Module, config: PixelflyConfig) -> nn.Module:
+def get_model(model: nn.Module, config: PixelflyConfig, calibration_data=None) -> nn.Module:
     """Replace the matrices chosen by `config` with PixelflyLinear, in place, and return the model.
 
     The model becomes the registered Pixelfly class (e.g. PixelflyGPT2LMHeadModel) with a config of its own
     model_type carrying the resolved plan, so save_pretrained / push_to_hub / Auto*.from_pretrained round-trip.
     init="project" fits each dense matrix (errors in each layer's `projection_error`); "random" re-initialises.
+
+    calibration_data: with init="project", a few batches of the model's inputs (dicts of keyword inputs, e.g. from
+    your DataLoader, or input tensors). Each matrix is then fitted to reproduce its outputs on the inputs these
+    batches send it, rather than its weights (calibration.py); `projection_error` is then the relative output error.
+    A few thousand tokens are enough for 768-wide inputs.
     """
     if not isinstance(config, PixelflyConfig):
         raise TypeError(f"config must be a PixelflyConfig, got {type(config).__name__}")
     config.validate()
+    if calibration_data is not None and config.init != "project":
+        raise ValueError(f"calibration_data fits projected weights, but config.init={config.init!r}; use "
+                         "PixelflyConfig(init='project') or leave calibration_data out")
     arch, pixelfly_class = _find_architecture(model)
     plan = resolve_plan(model, config)
-    install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters)
+    covariances = (None if calibration_data is None
+                   else input_covariances(model, model.base_model, list(plan), calibration_data))
+    install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters,
+                            input_covariances=covariances)
 
     old_config = model.config
     new_config = _pixelfly_model_config(arch, old_config, plan, config)

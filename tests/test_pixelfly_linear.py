@@ -175,6 +175,55 @@ def test_from_dense_projection_error_and_conv1d():
     assert errors[0] == pytest.approx((1 - 0.5) ** 0.5, abs=0.05)
 
 
+def correlated_inputs(n, width, seed):
+    """Inputs whose directions carry very different energy and correlate across the tiles, as activations do."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64) / width**0.5
+    return torch.randn(n, width, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(-2, 1, width,
+                                                                                              dtype=torch.float64)) @ mix
+
+
+def test_covariance_fit_of_the_tiles_is_the_least_squares_fit_of_the_outputs():
+    """rank 0: each output row's kept weights are the least-squares fit of that row's outputs on the inputs (with the
+    1% damping as extra rows), solved here by lstsq over the row's own input columns, in float64."""
+    torch.manual_seed(20)
+    x = correlated_inputs(600, 64, seed=1)
+    cov = x.T @ x / len(x)
+    dense = torch.randn(96, 64, dtype=torch.float64)
+    layer = PixelflyLinear(64, 96, butterfly_size=4, n_factors=1, rank=0, block_size=16)
+    nn.init.normal_(layer.weight)  # poisoned: every tile must be overwritten
+    layer.project_(dense, input_covariance=cov)
+    damped = torch.cat([x / len(x) ** 0.5, (0.01 * cov.diagonal().mean()) ** 0.5 * torch.eye(64, dtype=torch.float64)])
+    got = butterfly_to_dense(layer.weight.detach().double())
+    for row in range(0, 96, 7):
+        kept = got[row] != 0
+        assert kept.sum() == 32  # 2 of 4 tiles of 16 columns
+        want = torch.linalg.lstsq(damped[:, kept], damped @ dense[row]).solution
+        torch.testing.assert_close(got[row, kept], want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_covariance_fit_reproduces_the_outputs_better_than_the_weight_fit(rank):
+    torch.manual_seed(21)
+    x = correlated_inputs(2000, 64, seed=2)
+    dense = torch.randn(96, 64, dtype=torch.float64)
+
+    def output_error(layer):
+        return ((x @ (dense - layer.to_dense().double()).T).norm() / (x @ dense.T).norm()).item()
+
+    by_weights = PixelflyLinear(64, 96, butterfly_size=4, n_factors=1, rank=rank, block_size=16)
+    by_weights.project_(dense)
+    by_outputs = PixelflyLinear(64, 96, butterfly_size=4, n_factors=1, rank=rank, block_size=16)
+    reported = by_outputs.project_(dense, input_covariance=x.T @ x / len(x))
+    assert output_error(by_outputs) < 0.8 * output_error(by_weights)
+    assert reported == pytest.approx(output_error(by_outputs), rel=1e-3)
+    # an identity covariance asks for the weight fit
+    same = PixelflyLinear(64, 96, butterfly_size=4, n_factors=1, rank=rank, block_size=16)
+    assert same.project_(dense, input_covariance=torch.eye(64)) == pytest.approx(by_weights.projection_error, rel=1e-3)
+    with pytest.raises(ValueError, match=r"input_covariance has shape \(32, 32\); expected \(64, 64\)"):
+        same.project_(dense, input_covariance=torch.eye(32))
+
+
 def test_bad_arguments_raise_with_the_value():
     with pytest.raises(ValueError, match="butterfly_size=6"):
         PixelflyLinear(96, 96, butterfly_size=6, n_factors=1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelfly_kernels.ops import BACKENDS, butterfly_linear
-from pixelfly_kernels.reference import butterfly_to_dense, dense_to_butterfly
+from pixelfly_kernels.reference import butterfly_to_dense, dense_to_butterfly, tile_partners
 
 from ..patterns import FlatButterflyLayout, validate_rank
 
@@ -144,26 +144,40 @@ class PixelflyLinear(nn.Module):
         return dense
 
     @torch.no_grad()
-    def project_(self, dense: torch.Tensor, n_iter: int = 3) -> float:
-        """Set S + U V to the best fit of `dense` (out x in) and return the relative Frobenius error.
+    def project_(self, dense: torch.Tensor, n_iter: int = 3, input_covariance: torch.Tensor | None = None) -> float:
+        """Set S + U V to the best fit of `dense` (out x in) and return its relative error.
 
-        Alternates the two exact minimisers: S = W - L on the pattern, L = rank-r truncated SVD of W - S.
+        Without `input_covariance` the fit minimises the Frobenius error ||W - S - U V||: it alternates the two
+        exact minimisers, S = W - U V on the pattern and U V = the rank-r truncated SVD of W - S.
+
+        With `input_covariance` C = E[x x^T] (in x in) of the layer's inputs it minimises the error of the outputs
+        on those inputs, ||(W - S - U V) C^(1/2)||, and returns that relative error (under C itself): per tile row, S solves the
+        normal equations over its (n_factors + 1) input tiles, S_J C_JJ = (W - U V) C_:J; U V is the truncated SVD
+        in the whitened space, (W - S) L -> U V L with C = L L^T. Directions the inputs rarely take cost little
+        there, so the fit spends the parameters where the outputs need them. C is damped by 1% of its mean
+        diagonal, which keeps the solves well posed where calibration data leave directions unseen.
+
         With the gate on, the gate starts at g = 0.5 and both terms are doubled, so the layer equals S + U V.
         """
         if dense.shape != (self.out_features, self.in_features):
             raise ValueError(f"dense weight has shape {tuple(dense.shape)}; expected {(self.out_features, self.in_features)}")
         target = dense.detach().to(torch.float32)
-        B, Fs = self.butterfly_size, self.layout.n_tiles_per_row
+        raw = cov = chol = None
+        if input_covariance is not None:
+            raw, cov = self._damped_covariance(input_covariance, target.device)
+            chol = torch.linalg.cholesky(cov)
         low = torch.zeros_like(target)
         for _ in range(max(1, n_iter)):
-            tiles = dense_to_butterfly(target - low, B, Fs)
-            if not self.rank:  # without a low-rank term, keeping the tiles is already the exact minimiser
+            tiles = self._fit_tiles(target - low, cov)
+            if not self.rank:  # without a low-rank term, this fit of the tiles is already the exact minimiser
                 break
-            u, s, vh = torch.linalg.svd(target - butterfly_to_dense(tiles), full_matrices=False)
-            root = s[: self.rank].sqrt()
-            lr_u, lr_v = u[:, : self.rank] * root, root[:, None] * vh[: self.rank]
+            lr_u, lr_v = self._low_rank_fit(target - butterfly_to_dense(tiles), chol)
             low = lr_u @ lr_v
-        error = torch.linalg.norm(target - butterfly_to_dense(tiles) - low) / torch.linalg.norm(target).clamp_min(1e-30)
+        error = target - butterfly_to_dense(tiles) - low
+        if raw is None:
+            error = torch.linalg.norm(error) / torch.linalg.norm(target).clamp_min(1e-30)
+        else:  # ||E C^(1/2)|| / ||W C^(1/2)|| under the covariance as given, without the damping
+            error = ((error @ raw * error).sum() / (target @ raw * target).sum().clamp_min(1e-30)).clamp_min(0).sqrt()
         scale = 2.0 if self.gate is not None else 1.0
         self.weight.copy_(tiles * scale)
         if self.rank:
@@ -174,6 +188,41 @@ class PixelflyLinear(nn.Module):
             self.gate.bias.zero_()
         self.projection_error = float(error)
         return self.projection_error
+
+    def _damped_covariance(self, covariance: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C as given, symmetrised; C damped by 1% of its mean diagonal), in float32."""
+        if covariance.shape != (self.in_features, self.in_features):
+            raise ValueError(f"input_covariance has shape {tuple(covariance.shape)}; expected "
+                             f"{(self.in_features, self.in_features)}, the second moment of the layer's inputs")
+        cov = covariance.detach().to(device=device, dtype=torch.float32)
+        cov = (cov + cov.T) / 2
+        damping = 0.01 * cov.diagonal().mean().clamp_min(1e-12)
+        return cov, cov + damping * torch.eye(self.in_features, device=device)
+
+    def _fit_tiles(self, residual: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+        """The tiles S minimising ||residual - S||, which keeps residual's tiles, or with a covariance
+        ||(residual - S) C^(1/2)||: tile row r reads the input columns J_r of its partner tiles, and
+        S_r[:, J_r] = residual_r C[:, J_r] C[J_r, J_r]^-1."""
+        B, Fs = self.butterfly_size, self.layout.n_tiles_per_row
+        if cov is None:
+            return dense_to_butterfly(residual, B, Fs)
+        q, p = self.layout.tile_shape
+        columns = (tile_partners(B, Fs, cov.device)[:, :, None] * p + torch.arange(p, device=cov.device)).reshape(B, -1)
+        gram = cov[columns[:, :, None], columns[:, None, :]]  # (B, F p, F p)
+        rhs = (residual @ cov).reshape(B, q, -1).gather(2, columns[:, None, :].expand(B, q, -1))  # (B, q, F p)
+        solved = torch.linalg.solve(gram, rhs.transpose(1, 2)).transpose(1, 2)  # gram is symmetric
+        return solved.reshape(B, q, Fs, p).transpose(1, 2).contiguous()
+
+    def _low_rank_fit(self, residual: torch.Tensor, chol: torch.Tensor | None):
+        """(U, V), the rank-r minimiser of ||(residual - U V) L|| (L = I without a covariance), split as
+        U = u sqrt(s), V = sqrt(s) v^T L^-1 from the SVD of residual L."""
+        whitened = residual if chol is None else residual @ chol
+        u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+        root = s[: self.rank].sqrt()
+        v = root[:, None] * vh[: self.rank]
+        if chol is not None:  # v L^-1: solve X L = v
+            v = torch.linalg.solve_triangular(chol, v, upper=False, left=False)
+        return u[:, : self.rank] * root, v
 
     @classmethod
     def from_dense(
@@ -187,8 +236,10 @@ class PixelflyLinear(nn.Module):
         gate: bool = False,
         n_iter: int = 3,
         backend: str = "auto",
+        input_covariance: torch.Tensor | None = None,
     ) -> "PixelflyLinear":
-        """A PixelflyLinear projected from an nn.Linear or Conv1D; the fit's error is in `.projection_error`."""
+        """A PixelflyLinear projected from an nn.Linear or Conv1D (see project_; `input_covariance` fits the outputs
+        on the layer's inputs instead of the weights); the fit's error is in `.projection_error`."""
         weight = dense_weight_of(module)
         out_features, in_features = weight.shape
         layer = cls(
@@ -196,7 +247,7 @@ class PixelflyLinear(nn.Module):
             n_factors=n_factors, rank=rank, block_size=block_size, gate=gate, backend=backend,
             device=weight.device, dtype=weight.dtype,
         )
-        layer.project_(weight, n_iter=n_iter)
+        layer.project_(weight, n_iter=n_iter, input_covariance=input_covariance)
         if module.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(module.bias)

@@ -68,10 +68,12 @@ def auto_class_of(pixelfly_class: type) -> type:
     return next(auto for arch in ARCHITECTURES for ours, auto in arch.models.values() if ours is pixelfly_class)
 
 
-def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, project: bool, n_iter: int = 3) -> None:
+def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, project: bool, n_iter: int = 3,
+                            input_covariances: dict | None = None) -> None:
     """Replace each planned nn.Linear / Conv1D under `root` with a PixelflyLinear of the planned structure.
 
-    project=True fits the dense weights (the fit's error lands in each layer's `.projection_error`); otherwise
+    project=True fits the dense weights, or with `input_covariances` (name -> E[x x^T], calibration.py) the
+    outputs on those inputs (the fit's error lands in each layer's `.projection_error`); otherwise
     the layer is built on the dense weight's device and dtype with its own random init (on the meta device
     while transformers builds a model to load weights into).
     """
@@ -93,7 +95,8 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
             )
         structure = {key: spec[key] for key in ("butterfly_size", "n_factors", "rank", "block_size", "gate")}
         if project:
-            layer = PixelflyLinear.from_dense(dense, n_iter=n_iter, **structure)
+            layer = PixelflyLinear.from_dense(dense, n_iter=n_iter, input_covariance=(input_covariances or {}).get(name),
+                                              **structure)
         else:
             layer = PixelflyLinear(
                 shape[1], shape[0], bias=dense.bias is not None, device=weight.device, dtype=weight.dtype, **structure
