@@ -2,7 +2,8 @@
 trace into the Triton kernels or their autotuner), and compiled outputs and gradients equal eager ones.
 
 On CPU the Triton kernels run in the interpreter under torch.compile(backend="aot_eager", fullgraph=True): Dynamo
-and AOTAutograd trace every op with fake tensors as they do on the GPU, then run it on real tensors. On a GPU (marked
+and AOTAutograd trace every op with fake tensors as they do on the GPU, then run it on real tensors; and under
+Inductor with its CPU code generation. On a GPU (marked
 gpu): Inductor with and without CUDA graphs, for PixelflyLinear and patched GPT-2, BERT and ViT with Pixelfly
 attention on its Triton kernels, in bf16 autocast as the recipes train.
 """
@@ -167,6 +168,21 @@ def test_compiled_patched_models_on_the_triton_kernels_match_eager(case):
     loss, grads = loss_and_grads(model, inputs, torch.compile(model, backend="aot_eager", fullgraph=True))
     assert rel_err(loss, eager_loss) < 1e-5
     assert grads.keys() == eager_grads.keys() and any("lowrank_v" in n for n in grads)
+    for name, grad in grads.items():
+        assert rel_err(grad, eager_grads[name]) < 1e-4, name
+
+
+@ON_CPU_TRITON
+def test_inductor_over_the_triton_kernels_matches_eager():
+    """Inductor itself (its CPU code generation; the GPU adds only CUDA graphs) compiling a patched GPT-2 whose
+    products run the interpreted Triton kernels: it lowers the ops as calls into our launchers, with outputs laid out
+    as the fake implementations promise, through forward and backward."""
+    torch._dynamo.reset()
+    model, inputs = patched("gpt2", "cpu", (64, 64), attention_block=16)
+    set_backend(model, "triton")
+    eager_loss, eager_grads = loss_and_grads(model, inputs)
+    loss, grads = loss_and_grads(model, inputs, torch.compile(model, fullgraph=True))
+    assert rel_err(loss, eager_loss) < 1e-5
     for name, grad in grads.items():
         assert rel_err(grad, eager_grads[name]) < 1e-4, name
 
