@@ -15,7 +15,7 @@ from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
 from .models import import_architectures
 from .models.base import ARCHITECTURES, PixelflyModelMixin, install_pixelfly_layers, supported_classes
-from .patterns import plan_matrix
+from .patterns import DEFAULT_RANK, plan_matrix
 
 import_architectures()
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
     """The plan entry of the matrices named `what`: warns when the requested rank cannot be kept, and an error
     names the `first` of them."""
     rank = settings["low_rank"]
-    if rank > min(out_features, in_features):
+    if rank is not None and rank > min(out_features, in_features):
         warnings.warn(
             f"{what} ({in_features}->{out_features}): low_rank={rank} exceeds min(in, out) = "
             f"{min(out_features, in_features)}; using rank {min(out_features, in_features)} (a full-rank term). "
@@ -140,6 +140,8 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
             bs, k, rank = chosen.butterfly_size, chosen.n_factors, chosen.rank
         else:
             bs, k = settings["butterfly_size"], settings["n_factors"]
+            if rank is None:  # an explicit layout has no budget to fit: the paper's rank
+                rank = min(DEFAULT_RANK, out_features, in_features)
         # validates the layout and rank for this shape
         PixelflyLinear(in_features, out_features, butterfly_size=bs, n_factors=k, rank=rank,
                        block_size=settings["block_size"], device="meta")
