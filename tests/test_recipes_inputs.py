@@ -38,6 +38,27 @@ def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_lin
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
+def help_entry(help_text, flag):
+    """One flag's entry in --help output, its wrapped lines joined."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag}"))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("   "):  # flags are indented by 2, their wrapped help further
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+def test_help_shows_the_defaults(hf_home):
+    proc = run_recipe("gpt2_wikitext.py", ["--help"], hf_home)
+    for flag, default in [("--density", "(default: 0.25)"), ("--per_device_train_batch_size", "(default: 8)"),
+                          ("--target_modules", "(default: attn mlp)"), ("--seed", "(default: 42)"),
+                          ("--low_rank", "(default: the planner picks each matrix's rank, up to 32"),
+                          ("--pixelfly_block_size", "(default: the model preset's; 32 with --model_name_or_path)")]:
+        assert default in help_entry(proc.stdout, flag), (flag, help_entry(proc.stdout, flag))
+
+
 def test_gpt2_default_length_and_block_size_alias():
     args = gpt2_wikitext.parse_args(["--block_size", "48"])
     assert args.seq_len == 48 and args.model_size == "tiny" and args.max_train_steps == gpt2_wikitext.SHIPPED_STEPS
