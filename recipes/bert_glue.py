@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from datasets import load_dataset
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -83,7 +83,7 @@ def parse_args(argv=None):
         name = "minilm" if args.model_name_or_path == installed_minilm() else Path(args.model_name_or_path).name
         args.output_dir = common.default_output_dir(args, f"{name}-{task}")
     common.check_args(args)
-    inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+    inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "bert")
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
             inputs.check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
@@ -123,11 +123,7 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, fixed_shapes=False)
     set_seed(args.seed)
 
-    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-    if config.model_type != "bert":
-        raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} model; "
-                                 "this recipe fine-tunes BERT checkpoints (model_type 'bert')")
+    config = inputs.load_model_config(args.model_name_or_path, "bert")
     if not 2 <= args.max_seq_length <= config.max_position_embeddings:
         raise inputs.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
                                  f"{config.max_position_embeddings} positions. Use at most "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from datasets import load_dataset
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -74,9 +74,9 @@ def parse_args(argv=None):
         args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
     common.check_args(args)
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "gpt2")
     if args.tokenizer_name:
-        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", weights=False)
+        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", "gpt2", weights=False)
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
             inputs.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
@@ -130,18 +130,14 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
-    # Model config first: it is cheap and lets bad flags fail before any data is read.
+    # Model config first: it is cheap and lets bad flags fail before any data (or a wrong model's tokenizer) is read.
+    if args.model_name_or_path:
+        config = inputs.load_model_config(args.model_name_or_path, "gpt2")
     tokenizer_name = args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER
     with inputs.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
                            "give a local folder"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-        if config.model_type != "gpt2":
-            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
-                                     "model; this recipe sparsifies GPT-2 checkpoints (model_type 'gpt2')")
-    else:
+    if not args.model_name_or_path:
         preset = MODEL_SIZES[args.model_size]
         config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_layer=preset["n_layer"],
                             n_embd=preset["n_embd"], n_head=preset["n_head"], resid_pdrop=args.dropout,

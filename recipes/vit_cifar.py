@@ -19,8 +19,7 @@ from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
-    ViTImageProcessorPil
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -67,7 +66,7 @@ def parse_args(argv=None):
                                  f"{args.patch_size}; pick sizes that tile the image")
     common.check_args(args)
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "vit")
     for flag in ("train_dir", "validation_dir"):
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
@@ -149,15 +148,12 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
+    if args.model_name_or_path:
+        inputs.load_model_config(args.model_name_or_path, "vit")  # a wrong model fails before the data is read
     with accelerator.main_process_first():
         raw, image_column = load_images(args)
     labels = raw["train"].features[args.label_column_name].names
     if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-        if config.model_type != "vit":
-            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
-                                     "model; this recipe sparsifies ViT checkpoints (model_type 'vit')")
         with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, backend="pil")
             model = AutoModelForImageClassification.from_pretrained(

@@ -1,10 +1,13 @@
 """The recipes as a new user first meets them, on CPU and offline: no arguments (the shipped data), bad inputs
 (one `error:` line naming the file and the fix, the same exit status under `python` and `accelerate launch`,
 no --output_dir left behind), run_clm's --block_size, and --densify_at with a resume across the switch."""
+import importlib
 import json
 import re
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +106,88 @@ def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_mod
     flags = [f.format(models=broken_models, root=ROOT) for f in flags]
     with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
         gpt2_wikitext.main([*flags, "--output_dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """Folders a user may give the wrong recipe: a ViT classifier, and a Pixelfly GPT-2 saved as the GPT-2 recipe
+    saves its output (model, tokenizer, card)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification, \
+        ViTImageProcessorPil
+
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    d = tmp_path_factory.mktemp("other_models")
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, image_size=16, patch_size=4)).save_pretrained(d / "vit")
+    ViTImageProcessorPil().save_pretrained(d / "vit")
+    tokenizer = AutoTokenizer.from_pretrained(RECIPES / "data" / "gpt2_tokenizer")
+    dense = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=len(tokenizer), n_positions=64))
+    get_model(dense, PixelflyConfig(density=0.5, block_size=16, init="random")).save_pretrained(d / "gpt2-pixelfly")
+    tokenizer.save_pretrained(d / "gpt2-pixelfly")
+    return d
+
+
+def test_gpt2_recipe_given_a_vit_folder_names_the_family_in_one_line(tmp_path, hf_home, other_models):
+    """The family is checked before the folder's tokenizer is loaded (a ViT has none: a long sentencepiece /
+    tiktoken traceback came first)."""
+    out = tmp_path / "out"
+    vit = other_models / "vit"
+    proc = run_recipe("gpt2_wikitext.py", ["--model_name_or_path", str(vit), "--output_dir", str(out)], hf_home,
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model_name_or_path {vit} is a 'vit' model, and gpt2_wikitext.py trains GPT-2 (model_type 'gpt2'): "
+        "give a GPT-2 folder or a Hub id such as openai-community/gpt2; train it with recipes/vit_cifar.py")
+    assert not out.exists()
+
+
+def test_gpt2_recipe_given_its_own_pixelfly_output_says_what_to_do_instead(tmp_path, hf_home, other_models):
+    """A Pixelfly output is refused in one line that offers resuming its run and a merge command; the command,
+    run as printed, writes a dense GPT-2 folder the recipe accepts."""
+    folder = tmp_path / "gpt2-pixelfly"
+    shutil.copytree(other_models / "gpt2-pixelfly", folder)
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", ["--model_name_or_path", str(folder), "--output_dir", str(out)], hf_home,
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: --model_name_or_path {folder} is a Pixelfly GPT-2 (model_type 'pixelfly_gpt2'), "
+                           "the output of a recipe run, and gpt2_wikitext.py starts from a dense GPT-2.")
+    assert f"--output_dir {folder} --resume_from_checkpoint latest" in line and "it holds no checkpoint" in line
+    assert not out.exists()
+
+    command = re.search(r'python -c "([^"]+)"', line).group(1)
+    merged = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    dense = f"{folder}-dense"
+    assert f"give --model_name_or_path {dense} " in line
+    assert json.loads(Path(dense, "config.json").read_text())["model_type"] == "gpt2"
+    args = gpt2_wikitext.parse_args(["--model_name_or_path", dense, "--output_dir", str(out)])
+    assert inputs.load_model_config(args.model_name_or_path, "gpt2").model_type == "gpt2"
+
+
+@pytest.mark.parametrize("recipe, model, message", [
+    ("bert_glue", "nope", "--model_name_or_path {tmp}/nope: no such folder; give a folder written by save_pretrained, "
+                          "or a Hub id such as google-bert/bert-base-uncased"),
+    ("vit_cifar", "nope", "--model_name_or_path {tmp}/nope: no such folder; give a folder written by save_pretrained, "
+                          "or a Hub id such as google/vit-base-patch16-224-in21k"),
+    ("bert_glue", "{models}/vit", "--model_name_or_path {models}/vit is a 'vit' model, and bert_glue.py trains BERT "
+                                  "(model_type 'bert'): give a BERT folder or a Hub id such as "
+                                  "google-bert/bert-base-uncased; train it with recipes/vit_cifar.py"),
+    ("vit_cifar", "{models}/gpt2-pixelfly", "--model_name_or_path {models}/gpt2-pixelfly is a 'pixelfly_gpt2' model, "
+                                            "and vit_cifar.py trains ViT (model_type 'vit'): give a ViT folder or a "
+                                            "Hub id such as google/vit-base-patch16-224-in21k; train it with "
+                                            "recipes/gpt2_wikitext.py"),
+], ids=["bert-missing", "vit-missing", "bert-given-vit", "vit-given-pixelfly-gpt2"])
+def test_bert_and_vit_recipes_name_their_own_family(tmp_path, other_models, recipe, model, message, monkeypatch):
+    module = importlib.import_module(recipe)
+    monkeypatch.setattr(module.common, "fit", lambda *a, **k: pytest.fail("training started despite a bad model"))
+    model = model.format(models=other_models) if "{models}" in model else str(tmp_path / model)
+    out = tmp_path / "out"
+    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=other_models, tmp=tmp_path))):
+        module.main(["--model_name_or_path", model, "--output_dir", str(out)])
     assert not out.exists()
 
 
