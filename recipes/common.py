@@ -41,8 +41,11 @@ logger = get_logger(__name__)
 def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3):
     """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts."""
     g = parser.add_argument_group("training")
-    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size, help="examples per batch and process")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size, help="the same for evaluation")
+    preset = "" if batch_size else " (default: the model preset's)"
+    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size,
+                   help="examples per batch and process" + preset)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size,
+                   help="the same for evaluation" + preset)
     g.add_argument("--learning_rate", type=float, default=learning_rate,
                    help="peak learning rate" + ("" if learning_rate else " (default: the model preset's)"))
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's, not on biases and norms")
@@ -161,7 +164,11 @@ def default_output_dir(args, name):
 def resolve_defaults(args, preset, *, family, finetune_lr):
     """Fill the flags left at None whose default depends on the run: --learning_rate and
     --pixelfly_block_size from the from-scratch `preset` (its "lr" and "block_size"), or finetune_lr and
-    32 with --model_name_or_path; --output_dir from the checkpoint's name or "<family>-<model_size>"."""
+    32 with --model_name_or_path; the batch sizes from the preset's "batch_size"; --output_dir from the
+    checkpoint's name or "<family>-<model_size>"."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset["batch_size"])
     if args.learning_rate is None:
         args.learning_rate = finetune_lr if args.model_name_or_path else preset["lr"]
     if args.pixelfly_block_size is None:

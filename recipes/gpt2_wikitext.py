@@ -26,7 +26,7 @@ import inputs  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
-    "tiny": dict(n_layer=2, n_embd=128, n_head=4, block_size=16, lr=2e-3, seq_len=64),
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, block_size=16, lr=2e-3, seq_len=64),
     "small": dict(n_layer=12, n_embd=768, n_head=12, block_size=32, lr=6e-4, seq_len=1024),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, block_size=32, lr=3e-4, seq_len=1024),
     "large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=32, lr=2.5e-4, seq_len=1024),

