@@ -38,8 +38,14 @@ logger = get_logger(__name__)
 # Flags
 
 
-def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3):
-    """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts."""
+def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3, shipped=None):
+    """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts.
+    shipped: {flag name: default} that the recipe sets on its shipped data, said in --help."""
+    shipped = shipped or {}
+
+    def on_shipped(name):
+        return f"; {shipped[name]:g} on the shipped data" if name in shipped else ""
+
     g = parser.add_argument_group("training")
     preset = "" if batch_size else " (default: the model preset's)"
     g.add_argument("--per_device_train_batch_size", type=int, default=batch_size,
@@ -47,13 +53,14 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size,
                    help="the same for evaluation" + preset)
     g.add_argument("--learning_rate", type=float, default=learning_rate,
-                   help="peak learning rate" + ("" if learning_rate else " (default: the model preset's)"))
+                   help="peak learning rate" + on_shipped("learning_rate")
+                        + ("" if learning_rate else " (default: the model preset's)"))
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's, not on biases and norms")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--num_train_epochs", type=int, default=None, help=f"default: {epochs}")
     g.add_argument("--max_train_steps", type=int, default=None,
-                   help="optimizer steps; overrides --num_train_epochs")
+                   help="optimizer steps; overrides --num_train_epochs" + on_shipped("max_train_steps"))
     g.add_argument("--densify_at", type=float, default=None,
                    help="train Pixelfly for this fraction of --max_train_steps (or of --max_train_minutes, "
                         "whichever comes first), then merge it into dense matrices (merge_and_unload) and train "
@@ -70,7 +77,8 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear",
                    choices=[s.value for s in SchedulerType], help="learning-rate schedule after the warmup")
-    g.add_argument("--num_warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    g.add_argument("--num_warmup_steps", type=int, default=0,
+                   help="optimizer steps of linear warmup" + on_shipped("num_warmup_steps"))
     g.add_argument("--seed", type=int, default=42, help="model init, shuffling and dropout")
     g.add_argument("--eval_steps", type=int, default=0,
                    help="evaluate every N optimizer steps (0: only before and after training)")

@@ -60,7 +60,8 @@ def parse_args(argv=None):
                    help="default: the model's own, or the GPT-2 tokenizer shipped in recipes/data/")
     g.add_argument("--dropout", type=float, default=0.1, help="GPT-2 residual/embedding/attention dropout")
     common.add_pixelfly_args(parser, block_size=None)
-    common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1)
+    common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1,
+                             shipped={"max_train_steps": SHIPPED_STEPS})
     args = parser.parse_args(argv)
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)

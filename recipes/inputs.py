@@ -40,7 +40,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help
-        if action.default in (None, False, argparse.SUPPRESS) or "default:" in text:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default:" in text:
             return text
         return f"{text} (default: %(default)s)"
 

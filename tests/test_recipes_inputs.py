@@ -72,7 +72,8 @@ def test_help_shows_the_defaults(hf_home):
     for flag, default in [("--density", "(default: 0.25)"), ("--per_device_train_batch_size", "(default: 8)"),
                           ("--target_modules", "(default: attn mlp)"), ("--seed", "(default: 42)"),
                           ("--low_rank", "(default: the planner picks each matrix's rank, up to 32"),
-                          ("--pixelfly_block_size", "(default: the model preset's; 32 with --model_name_or_path)")]:
+                          ("--pixelfly_block_size", "(default: the model preset's; 32 with --model_name_or_path)"),
+                          ("--num_warmup_steps", "(default: 0)"), ("--max_train_steps", "200 on the shipped data")]:
         assert default in help_entry(proc.stdout, flag), (flag, help_entry(proc.stdout, flag))
 
 
