@@ -135,8 +135,12 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
         rank = min(out_features, in_features)
     try:
         if settings["density"] is not None:
-            chosen = plan_matrix(out_features, in_features, settings["density"], block_size=settings["block_size"],
-                                 rank=rank, name=f"{what} ({in_features}->{out_features})")
+            with warnings.catch_warnings(record=True) as lowered:
+                warnings.simplefilter("always")
+                chosen = plan_matrix(out_features, in_features, settings["density"], block_size=settings["block_size"],
+                                     rank=rank, name=f"{what} ({in_features}->{out_features})")
+            for warning in lowered:  # said where the user called get_model, not inside this module
+                warnings.warn(warning.message, warning.category, stacklevel=4)
             bs, k, rank = chosen.butterfly_size, chosen.n_factors, chosen.rank
         else:
             bs, k = settings["butterfly_size"], settings["n_factors"]

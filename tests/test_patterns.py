@@ -152,6 +152,7 @@ def test_block_size_128_on_gpt2_warns_that_the_rank_is_dropped_and_says_how_to_k
         model = get_model(_gpt2(768), PixelflyConfig(block_size=128, low_rank=32, init="random"))
     messages = [str(w.message) for w in caught if "low_rank=32" in str(w.message)]
     assert len(messages) == 4  # one per matrix shape: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert {w.filename for w in caught} == {__file__}  # said at the get_model call
     assert any(
         m.startswith("transformer.h.0.attn.c_attn (768->2304): low_rank=32 does not fit density=0.25 with "
                      "block_size=128") and "using rank 0" in m and "raise density to 0.306, or lower block_size to 64"

@@ -83,6 +83,7 @@ def test_a_rank_the_user_asks_for_is_kept_or_lowered_with_a_warning(tmp_path, hf
     warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
     assert len(warned) == 1 and "transformer.h.0.attn.c_proj, transformer.h.1.attn.c_proj and 2 more (256->256): " \
         "low_rank=32 does not fit density=0.25 with block_size=16" in warned[0], proc.stderr[-3000:]
+    assert "recipes/common.py" in warned[0]  # where the recipe calls get_model, not inside pixelfly_hf
     modules = json.loads((out / "config.json").read_text())["pixelfly"]["modules"]
     assert {m["rank"] for name, m in modules.items() if name.endswith("attn.c_proj")} == {24}
     assert {m["rank"] for name, m in modules.items() if not name.endswith("attn.c_proj")} == {32}
