@@ -1,4 +1,4 @@
-"""PixelflyLinear in a GPT-2-shaped MLP stack, trained on CPU in about a minute.
+"""PixelflyLinear in a GPT-2-shaped MLP stack, trained on CPU in a few minutes.
 
     python examples/quickstart.py
 
