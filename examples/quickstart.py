@@ -1,10 +1,11 @@
-"""PixelflyLinear in a GPT-2-shaped MLP stack, trained on CPU in about a minute.
+"""PixelflyLinear in a GPT-2-shaped MLP stack, trained on CPU in a few minutes.
 
     python examples/quickstart.py
 
-A 4-block residual MLP (the feed-forward half of a tiny GPT-2: LayerNorm -> fc1 -> GELU -> fc2) learns to
-imitate a fixed random teacher network. The same stack is trained twice, with dense nn.Linear and with
-PixelflyLinear at under a third of the weights, and the script prints both losses and what Pixelfly saves.
+A 2-block residual MLP (the feed-forward half of a small GPT-2: LayerNorm -> fc1 -> GELU -> fc2, 256 -> 1024 ->
+256) learns to imitate a fixed random teacher network. The same stack is trained twice, with dense nn.Linear and
+with PixelflyLinear at a quarter of the weights (a 16x16 butterfly with 2 factors plus a low-rank term, as the
+planner picks them), and the script prints both losses and what Pixelfly saves.
 """
 import time
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from pixelfly_hf import PixelflyLinear, plan_matrix
 
-EMBED, HIDDEN, BLOCKS, STEPS, BATCH = 128, 512, 4, 300, 32
+EMBED, HIDDEN, BLOCKS, STEPS, BATCH = 256, 1024, 2, 200, 16
 
 
 class MLPBlock(nn.Module):
@@ -27,8 +28,8 @@ class MLPBlock(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
 
 
-def pixelfly_linear(in_features, out_features, density=0.3):
-    plan = plan_matrix(out_features, in_features, density, block_size=16, rank=16)
+def pixelfly_linear(in_features, out_features, density=0.25):
+    plan = plan_matrix(out_features, in_features, density, block_size=16)  # the planner picks the rank too
     print("  plan:", plan.summary())
     return PixelflyLinear(in_features, out_features, butterfly_size=plan.butterfly_size, n_factors=plan.n_factors,
                           rank=plan.rank, block_size=plan.block_size)

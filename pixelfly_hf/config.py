@@ -208,8 +208,10 @@ class PixelflyConfig:
     exclude_modules: same forms; matching modules stay dense.
     density: the budget per matrix as a fraction of its dense parameters, low rank included (planner mode;
         default 0.25). Or give butterfly_size and n_factors for an explicit layout instead.
-    low_rank: the rank of the low-rank term. The planner honours it or warns, naming the matrix, when the budget
-        or the shape forces a lower one.
+    low_rank: the rank of the low-rank term. None (default): the planner picks it per matrix, up to the paper's 32,
+        leaving room in the density budget for butterfly factors (32 with an explicit layout); the summary shows
+        what it chose. A given rank is honoured, or lowered with a warning naming the matrix when the budget or the
+        shape forces a lower one.
     gate: mix the sparse and low-rank terms with a learned per-token gate.
     block_size: the kernel's minimum tile edge (16 for tiny models, 32 default, 64/128 for speed).
     overrides: {role or pattern: {field: value}} with fields among density, butterfly_size, n_factors,
@@ -226,7 +228,7 @@ class PixelflyConfig:
     density: float | None = None
     butterfly_size: int | None = None
     n_factors: int | None = None
-    low_rank: int = 32
+    low_rank: int | None = None
     gate: bool = False
     block_size: int = 32
     overrides: dict[str, dict] = field(default_factory=dict)

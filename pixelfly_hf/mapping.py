@@ -16,7 +16,7 @@ from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
 from .models import import_architectures
 from .models.base import ARCHITECTURES, PixelflyModelMixin, install_pixelfly_layers, supported_classes
-from .patterns import plan_matrix
+from .patterns import DEFAULT_RANK, plan_matrix
 
 import_architectures()
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
     """The plan entry of the matrices named `what`: warns when the requested rank cannot be kept, and an error
     names the `first` of them."""
     rank = settings["low_rank"]
-    if rank > min(out_features, in_features):
+    if rank is not None and rank > min(out_features, in_features):
         warnings.warn(
             f"{what} ({in_features}->{out_features}): low_rank={rank} exceeds min(in, out) = "
             f"{min(out_features, in_features)}; using rank {min(out_features, in_features)} (a full-rank term). "
@@ -136,11 +136,17 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
         rank = min(out_features, in_features)
     try:
         if settings["density"] is not None:
-            chosen = plan_matrix(out_features, in_features, settings["density"], block_size=settings["block_size"],
-                                 rank=rank, name=f"{what} ({in_features}->{out_features})")
+            with warnings.catch_warnings(record=True) as lowered:
+                warnings.simplefilter("always")
+                chosen = plan_matrix(out_features, in_features, settings["density"], block_size=settings["block_size"],
+                                     rank=rank, name=f"{what} ({in_features}->{out_features})")
+            for warning in lowered:  # said where the user called get_model, not inside this module
+                warnings.warn(warning.message, warning.category, stacklevel=4)
             bs, k, rank = chosen.butterfly_size, chosen.n_factors, chosen.rank
         else:
             bs, k = settings["butterfly_size"], settings["n_factors"]
+            if rank is None:  # an explicit layout has no budget to fit: the paper's rank
+                rank = min(DEFAULT_RANK, out_features, in_features)
         # validates the layout and rank for this shape
         PixelflyLinear(in_features, out_features, butterfly_size=bs, n_factors=k, rank=rank,
                        block_size=settings["block_size"], device="meta")

@@ -16,6 +16,10 @@ import torch
 from .config import check_block_size, check_butterfly_size, check_count, check_density, check_n_factors
 
 
+# the paper's rank: the most the planner picks when none is asked for
+DEFAULT_RANK = 32
+
+
 def butterfly_offsets(n_factors: int) -> list[int]:
     """XOR offsets of the tiles in one tile row: identity, then strides 1, 2, 4, ..."""
     return [0] + [1 << i for i in range(n_factors)]
@@ -164,25 +168,36 @@ def _smallest_sparse(out_features: int, in_features: int, block_size: int) -> in
     return min(sizes, default=None)
 
 
+def _densest_layout(candidates, dense: int, sparse_budget: float) -> tuple[int, int] | None:
+    """The (butterfly_size, n_factors) among `candidates` whose sparse part spends the most of `sparse_budget`
+    parameters without exceeding it; ties go to the larger tiles (the kernel is faster on wide tiles), then to
+    fewer factors. None when even the sparsest exceeds it."""
+    fitting = [(bs, k) for bs, k in candidates if (k + 1) * dense // bs <= sparse_budget]
+    return max(fitting, key=lambda c: ((c[1] + 1) * dense // c[0], -c[0], -c[1]), default=None)
+
+
 def plan_matrix(
     out_features: int,
     in_features: int,
     density: float,
     *,
     block_size: int = 32,
-    rank: int = 32,
+    rank: int | None = None,
     name: str | None = None,
 ) -> MatrixPlan:
     """Pick (butterfly_size, n_factors, rank) for one matrix within a density budget.
 
-    `density` is the budget as a fraction of the dense matrix's parameters, low rank included. The requested rank
+    `density` is the budget as a fraction of the dense matrix's parameters, low rank included. A requested `rank`
     is kept when it fits beside the sparsest layout; otherwise it is lowered to the largest multiple of 8 that
     fits, with a warning naming the matrix (`name`, else its shape), the density or block_size that would keep it.
-    Among layouts that fit, the densest sparse part wins (it spends the budget); ties go to the larger tiles
-    (the kernel is faster on wide tiles), then to fewer factors. Deterministic.
+    With `rank` None the planner picks it, silently: the largest multiple of 8 up to the paper's DEFAULT_RANK whose
+    plan keeps at least one butterfly factor, else (no such plan fits) the largest that fits. Among layouts that
+    fit beside the rank, the densest sparse part wins (it spends the budget); ties go to the larger tiles (the
+    kernel is faster on wide tiles), then to fewer factors. Deterministic.
     """
     check_density(density)
-    validate_rank(rank, out_features, in_features)
+    if rank is not None:
+        validate_rank(rank, out_features, in_features)
     candidates = list(_candidate_layouts(out_features, in_features, block_size))
     if not candidates:
         raise ValueError(
@@ -200,20 +215,16 @@ def plan_matrix(
         )
     per_rank = out_features + in_features
     affordable = int(room // per_rank)
-    if rank > affordable:
+    if rank is None:
+        ranks = range(min(DEFAULT_RANK, affordable) // 8 * 8, -1, -8)
+        rank = next((r for r in ranks if _densest_layout(candidates, dense, budget_params - r * per_rank)[1] > 0),
+                    ranks[0])
+    elif rank > affordable:
         lowered = affordable // 8 * 8
         _warn_rank_lowered(name or f"{in_features}->{out_features}", rank, lowered, density, block_size,
                            (smallest_sparse + rank * per_rank) / dense, out_features, in_features)
         rank = lowered
-
-    lowrank_params = rank * per_rank
-
-    def preference(candidate):
-        bs, k = candidate
-        return ((k + 1) * dense // bs, -bs, -k)
-
-    fitting = [c for c in candidates if (c[1] + 1) * dense // c[0] + lowrank_params <= budget_params]
-    bs, k = max(fitting, key=preference)
+    bs, k = _densest_layout(candidates, dense, budget_params - rank * per_rank)
     return MatrixPlan(out_features, in_features, bs, k, rank, block_size, float(density))
 
 

@@ -52,12 +52,16 @@ def sparsity_summary(model: nn.Module) -> dict:
 
 
 def format_sparsity_summary(summary: dict) -> str:
-    header = f"{'module':<44} {'in->out':>11} {'bs':>3} {'k':>2} {'rank':>4} {'density':>8} {'params':>19} {'MFLOP/tok saved':>15}"
+    """One row per replaced matrix, columns named as in PixelflyConfig (butterfly_size: tiles per side of the
+    grid, not the kernel's block_size), then the totals."""
+    width = max([len("module"), *(len(row["name"]) for row in summary["layers"])])
+    header = (f"{'module':<{width}} {'in->out':^12} {'butterfly_size':>14} {'n_factors':>9} {'rank':>4} "
+              f"{'density':>8} {'params':>19} {'MFLOP/tok saved':>15}")
     lines = [header, "-" * len(header)]
     for row in summary["layers"]:
         lines.append(
-            f"{row['name']:<44} {row['in_features']:>5}->{row['out_features']:<5} {row['butterfly_size']:>3} "
-            f"{row['n_factors']:>2} {row['rank']:>4} {row['density']:>8.2%} "
+            f"{row['name']:<{width}} {row['in_features']:>5}->{row['out_features']:<5} {row['butterfly_size']:>14} "
+            f"{row['n_factors']:>9} {row['rank']:>4} {row['density']:>8.2%} "
             f"{row['params_pixelfly']:>9,}/{row['params_dense']:<9,} {row['flops_per_token_saved'] / 1e6:>15.3f}"
         )
     lines.append("-" * len(header))

