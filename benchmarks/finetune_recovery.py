@@ -6,8 +6,9 @@
     python benchmarks/finetune_recovery.py --dry-run --out recovery-dry       # CPU smoke test, a few steps
 
 Each arm is one `accelerate launch recipes/bert_glue.py` with the same flags: the dense fine-tune, and the same
-pretrained model projected onto Pixelfly at each --densities value (tiles kept, the residual fit by a truncated SVD)
-and then fine-tuned. The recipe evaluates every --eval_steps and logs accuracy with the training seconds, so one run
+pretrained model projected onto Pixelfly at each --densities value, then fine-tuned: once with each matrix fitted to
+its weights (tiles kept, the residual fit by a truncated SVD), once fitted to its outputs on --calibration_batches
+training batches (the recipe's flag of that name). The recipe evaluates every --eval_steps and logs accuracy with the training seconds, so one run
 per arm gives both comparisons:
   equal steps  the accuracy after --max_train_steps;
   equal time   each arm's accuracy at its last evaluation within the shortest arm's training time.
@@ -29,8 +30,15 @@ import torch
 from recipe_runs import launch_recipe, read_log  # benchmarks/recipe_runs.py
 
 
-def arms(densities):
-    return {"dense": ["--dense"], **{f"pixelfly-{d:g}": ["--density", str(d)] for d in densities}}
+def arms(densities, calibration_batches: int):
+    """Dense, and per density the projection fitted to the weights and (calibration_batches > 0) to the outputs."""
+    result = {"dense": ["--dense"]}
+    for d in densities:
+        result[f"pixelfly-{d:g}"] = ["--density", str(d)]
+        if calibration_batches:
+            result[f"pixelfly-{d:g}-calibrated"] = ["--density", str(d), "--calibration_batches",
+                                                   str(calibration_batches)]
+    return result
 
 
 def eval_curve(out: Path, name: str):
@@ -94,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--max_train_steps", type=int, default=150)
     parser.add_argument("--eval_steps", type=int, default=15)
+    parser.add_argument("--calibration_batches", type=int, default=8,
+                        help="also run each density with the projection fitted to the outputs on this many training "
+                             "batches (0: only the weight fit)")
     parser.add_argument("--dry-run", action="store_true", help="4 steps per arm on CPU, seconds")
     args, extra = parser.parse_known_args(argv)  # everything else goes to the recipe
     if args.dry_run:
@@ -104,11 +115,11 @@ def main(argv=None):
     cpu = args.dry_run or not torch.cuda.is_available()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, flags in arms(args.densities).items():
+    for name, flags in arms(args.densities, args.calibration_batches).items():
         launch_recipe("bert_glue.py", out / name, [
             "--max_train_steps", str(args.max_train_steps), "--eval_steps", str(args.eval_steps),
             "--logging_steps", str(min(10, args.eval_steps)), *flags, *extra], cpu=cpu)
-    curves = {name: eval_curve(out, name) for name in arms(args.densities)}
+    curves = {name: eval_curve(out, name) for name in arms(args.densities, args.calibration_batches)}
     summary = summarize(curves)
     device = (platform.processor() or "CPU") if cpu else torch.cuda.get_device_name()
     summary.update(device=device, torch=torch.__version__,

@@ -15,7 +15,9 @@ from .calibration import input_covariances
 from .config import OVERRIDE_KEYS, PixelflyConfig
 from .layers import PixelflyLinear
 from .models import import_architectures
-from .models.base import ARCHITECTURES, PixelflyModelMixin, install_pixelfly_layers, supported_classes
+from .models.base import PixelflyModelMixin
+from .models.install import install_pixelfly_layers
+from .models.registry import ARCHITECTURES, supported_classes
 from .patterns import DEFAULT_RANK, plan_matrix
 
 import_architectures()

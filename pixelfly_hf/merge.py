@@ -15,7 +15,7 @@ from pixelfly_kernels.reference import butterfly_to_dense
 
 from .layers.attention import ATTENTION_NAME
 from .layers import PixelflyLinear
-from .models.base import dense_class_of
+from .models.registry import dense_class_of
 
 
 @torch.no_grad()

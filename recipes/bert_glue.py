@@ -89,7 +89,7 @@ def parse_args(argv=None):
         task = args.task_name or Path(args.train_file).stem
         name = "minilm" if args.model_name_or_path == installed_minilm() else Path(args.model_name_or_path).name
         args.output_dir = common.default_output_dir(args, f"{name}-{task}")
-    common.check_args(args)
+    common.check_args(args, pretrained=True)
     inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "bert")
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
@@ -171,7 +171,8 @@ def main(argv=None):
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id=label_to_id)
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True)
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True,
+                                             train_dataloader=train_dataloader)
 
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)

@@ -118,6 +118,9 @@ def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, b
     g.add_argument("--pixelfly_block_size", type=int, default=block_size,
                    help="the kernel's minimum tile edge (power of 2, >= 16); small models need small tiles"
                         + ("" if block_size else " (default: the model preset's; 32 with --model_name_or_path)"))
+    g.add_argument("--calibration_batches", type=int, default=0,
+                   help="with a pretrained model: fit each projected matrix to its outputs on this many training "
+                        "batches instead of to its weights (0: fit the weights)")
     g.add_argument("--pixelfly_attention", choices=["dense", "pixelfly"], default="dense",
                    help="attention scores: dense SDPA, or Pixelfly block-sparse + low-rank attention")
     g.add_argument("--target_modules", nargs="+", default=list(target_modules),
@@ -126,14 +129,21 @@ def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, b
     return parser
 
 
-def check_args(args):
-    """Validate flags that need no data or model. Raises RecipeError naming the bad value and the fix."""
+def check_args(args, *, pretrained: bool):
+    """Validate flags that need no data or model (pretrained: the recipe starts from --model_name_or_path's
+    weights). Raises RecipeError naming the bad value and the fix."""
     if not args.dense:
         if not 0.0 < args.density <= 1.0:
             raise RecipeError(f"--density {args.density} is out of range: give a fraction in (0, 1], "
                               "e.g. --density 0.25 (or --dense for no Pixelfly)")
         if args.low_rank is not None and args.low_rank < 0:
             raise RecipeError(f"--low_rank {args.low_rank} is negative: give 0 (no low-rank term) or a rank like 32")
+        if args.calibration_batches < 0:
+            raise RecipeError(f"--calibration_batches {args.calibration_batches} is negative: give 0 (fit the "
+                              "weights) or a few batches, e.g. 8")
+        if args.calibration_batches and not pretrained:
+            raise RecipeError(f"--calibration_batches {args.calibration_batches} fits projected pretrained matrices, "
+                              "but this model trains from scratch: give --model_name_or_path, or leave the flag out")
         bs = args.pixelfly_block_size
         if bs < 1 or bs & (bs - 1):
             raise RecipeError(f"--pixelfly_block_size {bs} is not a power of 2: use 16, 32, 64 or 128")
@@ -255,25 +265,33 @@ def limit_samples(args, train_set, eval_set):
     return train_set, eval_set
 
 
-def apply_pixelfly(model, args, accelerator, *, pretrained):
+def apply_pixelfly(model, args, accelerator, *, pretrained, train_dataloader):
     """Replace the targeted dense matrices with Pixelfly ones (before accelerator.prepare).
 
-    A pretrained model's matrices are projected onto the structure; a from-scratch one is re-initialised.
+    A pretrained model's matrices are projected onto the structure (fitted to their outputs on the first
+    --calibration_batches training batches, if any); a from-scratch one is re-initialised.
     Returns the model and its sparsity summary (None with --dense)."""
     if args.dense:
         return model, None
     from pixelfly_hf import PixelflyConfig, get_model
 
+    calibration = itertools.islice(train_dataloader, args.calibration_batches) if args.calibration_batches else None
     try:
         config = PixelflyConfig(density=args.density, target_modules=list(args.target_modules),
                                 block_size=args.pixelfly_block_size, low_rank=args.low_rank,
                                 attention=args.pixelfly_attention, init="project" if pretrained else "random")
-        model = get_model(model, config)
+        model = get_model(model, config, calibration_data=calibration)
     except ValueError as error:
         raise RecipeError(f"the Pixelfly flags do not fit this model: {error} (adjust --density, --low_rank, "
                           "--pixelfly_block_size or --target_modules)") from None
     if accelerator.is_main_process:
         summary = model.print_sparsity_summary()
+        errors = [row["projection_error"] for row in summary["layers"] if row["projection_error"] is not None]
+        if errors:
+            fitted = (f"its outputs on {args.calibration_batches} training batches" if calibration is not None
+                      else "its weights")
+            print(f"projected: each matrix fitted to {fitted}, relative error {sum(errors) / len(errors):.3f} on "
+                  f"average, {max(errors):.3f} at most", flush=True)
     else:
         summary = None
     return model, summary
@@ -604,6 +622,7 @@ def write_results(args, result, sparsity, extra=None):
                "pixelfly": not args.dense and result["densified_at"] is None,
                "densified_at_step": result["densified_at"],
                "density": sparsity.get("density") if sparsity and result["densified_at"] is None else 1.0,
+               "calibration_batches": 0 if args.dense else args.calibration_batches,
                **(extra or {})}
     (Path(args.output_dir) / "all_results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -612,7 +631,7 @@ def write_results(args, result, sparsity, extra=None):
 def write_model_card(model, args, result, results, *, recipe, base, dataset, model_class, tags):
     """README.md in output_dir: the library's Pixelfly card (structure, how to load) or a dense one, then how it
     was trained, the final metrics and every flag."""
-    from pixelfly_hf.models.base import _model_card
+    from pixelfly_hf.models.card import model_card
 
     if result["densified_at"] is not None:
         how = (f"Pixelfly {base}, trained for {result['densified_at']} steps, then merged into dense matrices "
@@ -626,7 +645,7 @@ def write_model_card(model, args, result, results, *, recipe, base, dataset, mod
         *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()), "",
         "## Training flags", "", "```json", json.dumps(flags, indent=2, default=str), "```", ""])
     if hasattr(model, "sparsity_summary"):
-        card = _model_card(model, repo_id=args.hub_model_id, tags=tags, sections=sections)
+        card = model_card(model, repo_id=args.hub_model_id, tags=tags, sections=sections)
     else:
         card = "\n".join(["---", "library_name: transformers", "tags:", *(f"- {t}" for t in tags), "---", "",
                           f"# {Path(args.output_dir).name}", "", f"A dense {type(model).__name__} (no Pixelfly "

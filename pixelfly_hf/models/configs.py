@@ -16,7 +16,7 @@ from ..config import PixelflyAttentionConfig
 
 class PixelflyConfigMixin:
     """Mixed into each Pixelfly config class, which declares the fields
-    `pixelfly: dict | None = None` (the plan, see models/base.py) and
+    `pixelfly: dict | None = None` (the plan, see models/install.py) and
     `pixelfly_attention: dict | None = None` (PixelflyAttentionConfig fields; None keeps the model's attention),
     and `architecture_module`, the module of its model classes.
 

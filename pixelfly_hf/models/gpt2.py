@@ -8,7 +8,8 @@ from transformers import (
     GPT2Model,
 )
 
-from pixelfly_hf.models.base import Architecture, PixelflyModelMixin, register_architecture
+from pixelfly_hf.models.base import PixelflyModelMixin
+from pixelfly_hf.models.registry import Architecture, register_architecture
 from pixelfly_hf.models.configs import PixelflyGPT2Config
 
 

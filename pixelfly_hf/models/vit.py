@@ -2,7 +2,8 @@
 from transformers import AutoModel, AutoModelForImageClassification, ViTForImageClassification, ViTModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from pixelfly_hf.models.base import Architecture, PixelflyModelMixin, register_architecture
+from pixelfly_hf.models.base import PixelflyModelMixin
+from pixelfly_hf.models.registry import Architecture, register_architecture
 from pixelfly_hf.models.configs import PixelflyViTConfig
 
 
