@@ -4,8 +4,8 @@ The pattern, defined per (query position, key position) and independent of the s
 a KV-cache decode step sees exactly the keys the same query sees in a full forward:
 
 * sequence blocks of ``block_size`` tokens; qb, kb = block indices of the query / key;
-* flat block butterfly: x = qb XOR kb (taken modulo ``butterfly_size`` blocks when that period is
-  set), allowed iff x in {0, 1, 2, 4, ..., 2**(n_factors-1)};
+* flat block butterfly (butterfly_pattern.py): x = qb XOR kb (taken modulo ``butterfly_size`` blocks when that
+  period is set), allowed iff x in {0, 1, 2, 4, ..., 2**(n_factors-1)};
 * local blocks: |qb - kb| <= 1 (so every token sees its immediate predecessor, even across a block
   edge that the XOR pattern does not link);
 * global tokens (the low-rank term): the first ``n_global`` positions are keys for every query and,
@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .butterfly_pattern import kept
 
 
 class PatternSpec(NamedTuple):
@@ -45,8 +47,7 @@ def pattern_allows(q_idx: torch.Tensor, kv_idx: torch.Tensor, spec: PatternSpec,
     x = torch.bitwise_xor(qb, kb)
     if spec.butterfly_size is not None:
         x = torch.bitwise_and(x, spec.butterfly_size - 1)
-    # x is 0 or a power of two below 2**n_factors
-    butterfly = (torch.bitwise_and(x, x - 1) == 0) & (x < (1 << spec.n_factors))
+    butterfly = kept(x, spec.n_factors)
     local = (qb - kb).abs() <= 1
     allowed = butterfly | local | (kv_idx < spec.n_global)
     if causal:

@@ -1,16 +1,17 @@
 """Plain PyTorch implementation of the three butterfly-sparse products (the CPU path and the test oracle).
 
-Weight layout, shared with the Triton kernels: `weight[r, j]` is the (q x p) tile of W (out x in) at tile
-row r and tile column r ^ offset_j, offset_j = (1 << j) >> 1 = 0, 1, 2, 4, ...; q = out / B, p = in / B.
+Weight layout, shared with the Triton kernels: `weight[r, j]` (r < B, j < F = n_slots) is the (q x p) tile of W
+(out x in) at tile row r and tile column r ^ offset_j (butterfly_pattern.py); q = out / B, p = in / B.
 Half-precision inputs are computed in fp32 and cast back, as the kernels do.
 """
 import torch
 
+from .butterfly_pattern import partners
+
 
 def tile_partners(butterfly_size: int, n_slots: int, device=None) -> torch.Tensor:
-    """(B, F) long tensor: the tile r ^ offset_j paired with tile r in slot j."""
-    offsets = torch.tensor([(1 << j) >> 1 for j in range(n_slots)], device=device)
-    return torch.arange(butterfly_size, device=device).unsqueeze(1) ^ offsets
+    """(B, n_slots) long tensor: the input tile r ^ offset_j that output tile r reads in slot j."""
+    return partners(butterfly_size, n_slots - 1, device)
 
 
 def _compute_dtype(*tensors):

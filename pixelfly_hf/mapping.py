@@ -13,12 +13,11 @@ from transformers.pytorch_utils import Conv1D
 
 from .calibration import input_covariances
 from .config import OVERRIDE_KEYS, PixelflyConfig
-from .layers import PixelflyLinear
 from .models import import_architectures
 from .models.base import PixelflyModelMixin
 from .models.install import install_pixelfly_layers
 from .models.registry import ARCHITECTURES, supported_classes
-from .patterns import DEFAULT_RANK, plan_matrix
+from .patterns import DEFAULT_RANK, FlatButterflyLayout, plan_matrix, validate_rank
 
 import_architectures()
 logger = logging.getLogger(__name__)
@@ -149,9 +148,9 @@ def _structure(what: str, first: str, out_features: int, in_features: int, setti
             bs, k = settings["butterfly_size"], settings["n_factors"]
             if rank is None:  # an explicit layout has no budget to fit: the paper's rank
                 rank = min(DEFAULT_RANK, out_features, in_features)
-        # validates the layout and rank for this shape
-        PixelflyLinear(in_features, out_features, butterfly_size=bs, n_factors=k, rank=rank,
-                       block_size=settings["block_size"], device="meta")
+        # the shape-dependent checks (divisibility, tile width, rank), before any layer is built
+        FlatButterflyLayout(out_features, in_features, bs, k, settings["block_size"])
+        validate_rank(rank, out_features, in_features)
     except ValueError as err:
         raise ValueError(f"{first} ({in_features}->{out_features}): {err}") from None
     return {

@@ -1,9 +1,9 @@
 """Flat block butterfly layouts and the density-budget planner.
 
 A weight W (out x in) is cut into a butterfly_size x butterfly_size grid of tiles of shape
-(out / butterfly_size) x (in / butterfly_size). Tile (r, c) is nonzero iff r XOR c is 0 or one of the
-n_factors smallest powers of two, so every tile row holds n_factors + 1 tiles: output tile r reads input
-tiles r ^ offset for offset in `butterfly_offsets(n_factors)`. Nothing here knows about torch modules.
+(out / butterfly_size) x (in / butterfly_size), kept by the flat block butterfly rule (pixelfly_kernels'
+butterfly_pattern.py, its one owner): every tile row keeps n_slots = n_factors + 1 tiles. Nothing here knows about
+torch modules.
 """
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from pixelfly_kernels import butterfly_pattern
 
 from .config import check_block_size, check_butterfly_size, check_count, check_density, check_n_factors
 
 
 # the paper's rank: the most the planner picks when none is asked for
 DEFAULT_RANK = 32
-
-
-def butterfly_offsets(n_factors: int) -> list[int]:
-    """XOR offsets of the tiles in one tile row: identity, then strides 1, 2, 4, ..."""
-    return [0] + [1 << i for i in range(n_factors)]
 
 
 @dataclass(frozen=True)
@@ -56,8 +52,9 @@ class FlatButterflyLayout:
                 )
 
     @property
-    def n_tiles_per_row(self) -> int:
-        return self.n_factors + 1
+    def n_slots(self) -> int:
+        """Tiles kept per tile row (and column): n_factors + 1."""
+        return butterfly_pattern.n_slots(self.n_factors)
 
     @property
     def tile_shape(self) -> tuple[int, int]:
@@ -65,23 +62,18 @@ class FlatButterflyLayout:
         return self.out_features // self.butterfly_size, self.in_features // self.butterfly_size
 
     @property
-    def offsets(self) -> list[int]:
-        return butterfly_offsets(self.n_factors)
-
-    @property
     def density(self) -> float:
         """Fraction of the dense matrix's entries that are stored: (n_factors + 1) / butterfly_size."""
-        return self.n_tiles_per_row / self.butterfly_size
+        return butterfly_pattern.density(self.butterfly_size, self.n_factors)
 
     @property
     def num_params(self) -> int:
         q, p = self.tile_shape
-        return self.butterfly_size * self.n_tiles_per_row * q * p
+        return self.butterfly_size * self.n_slots * q * p
 
     def input_tiles(self) -> torch.Tensor:
-        """(butterfly_size, n_factors + 1) long tensor: input tile read by output tile r in slot j."""
-        rows = torch.arange(self.butterfly_size).unsqueeze(1)
-        return rows ^ torch.tensor(self.offsets).unsqueeze(0)
+        """(butterfly_size, n_slots) long tensor: input tile read by output tile r in slot j."""
+        return butterfly_pattern.partners(self.butterfly_size, self.n_factors)
 
     def tile_mask(self) -> torch.Tensor:
         """(butterfly_size, butterfly_size) bool tensor, True where a tile is stored."""

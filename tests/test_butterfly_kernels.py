@@ -74,11 +74,11 @@ def test_products_match_dense_masked_float64(impl, dtype, shape):
     if impl == "triton":  # poison the outputs: every element must be written
         y = mod.butterfly_matmul(x, weight, bias, out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
         dx = mod.butterfly_matmul_t(grad, weight, out=torch.full_like(x, float("nan")))
-        dw = mod.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size, out=torch.full_like(weight, float("nan")))
+        dw = mod.butterfly_matmul_dw(grad, x, layout.n_slots, layout.butterfly_size, out=torch.full_like(weight, float("nan")))
     else:
         y = mod.butterfly_matmul(x, weight, bias)
         dx = mod.butterfly_matmul_t(grad, weight)
-        dw = mod.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size)
+        dw = mod.butterfly_matmul_dw(grad, x, layout.n_slots, layout.butterfly_size)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert rel_err(y, x64 @ dense.T + bias.double()) < tol
     assert rel_err(dx, g64 @ dense) < tol
@@ -126,7 +126,7 @@ def test_tma_and_persistent_variants_match_dense_masked_float64(dtype, shape, fl
     y = triton_impl.butterfly_matmul(x, weight, bias, x @ v.T, u, config=config,
                                      out=torch.full((x.shape[0], layout.out_features), float("nan"), dtype=dtype))
     dx = triton_impl.butterfly_matmul_t(grad, weight, grad @ u, v, out=torch.full_like(x, float("nan")), config=config)
-    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_slots, layout.butterfly_size,
                                          out=torch.full_like(weight, float("nan")),
                                          config=DwConfig(32, 64, 16, 4, 1, use_tma=config.use_tma))
     tol = TOLERANCE[dtype] * 2  # Z and dZ are rounded to the input dtype before the segment
@@ -275,7 +275,7 @@ def test_dw_whole_patch_column_tiles_match_dense_masked_float64(dtype, flags):
     for shape, block_n in (((37, 96, 192, 2, 1), 32), ((23, 320, 160, 2, 1), 128), ((29, 160, 320, 2, 1), 64)):
         layout, weight, dense, x, grad = make_case(*shape, dtype)
         config = DwConfig(16, block_n, 16, 4, 1, **flags, full_patch_n=True)
-        dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+        dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_slots, layout.butterfly_size,
                                              out=torch.full_like(weight, float("nan")), config=config)
         dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
         assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype], layout.tile_shape
@@ -323,7 +323,7 @@ def test_dw_all_slots_and_token_splits_match_dense_masked_float64(dtype, shape, 
     NaN: every element must be written (fp32 adds into it after zeroing it, bf16 gets a cast of an fp32 buffer)."""
     torch.manual_seed(zlib.crc32(repr((dtype, shape, flags)).encode()))
     layout, weight, dense, x, grad = make_case(*shape, dtype)
-    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_tiles_per_row, layout.butterfly_size,
+    dw = triton_impl.butterfly_matmul_dw(grad, x, layout.n_slots, layout.butterfly_size,
                                          out=torch.full_like(weight, float("nan")), config=DwConfig(16, 16, 16, 4, 1, **flags))
     dw_dense = (grad.double().T @ x.double()) * dense_mask(layout)
     assert rel_err(reference.butterfly_to_dense(dw.double()), dw_dense) < TOLERANCE[dtype]

@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from pixelfly_hf.patterns import FlatButterflyLayout, MatrixPlan, _candidate_layouts, butterfly_offsets, plan_matrix, validate_rank
+from pixelfly_hf.patterns import FlatButterflyLayout, MatrixPlan, _candidate_layouts, plan_matrix, validate_rank
+from pixelfly_kernels.butterfly_pattern import kept, partners, slot_offsets
 
 
 @pytest.mark.parametrize("bs,k", [(2, 1), (4, 0), (8, 2), (16, 2), (16, 4), (32, 3)])
@@ -24,11 +25,23 @@ def test_tile_mask_is_the_xor_pattern(bs, k):
 
 
 def test_offsets_and_input_tiles():
-    assert butterfly_offsets(0) == [0]
-    assert butterfly_offsets(3) == [0, 1, 2, 4]
+    assert slot_offsets(0) == [0]
+    assert slot_offsets(3) == [0, 1, 2, 4]
     layout = FlatButterflyLayout(128, 256, 8, 2, block_size=16)
-    assert layout.tile_shape == (16, 32)
+    assert layout.tile_shape == (16, 32) and layout.n_slots == 3
     assert layout.input_tiles()[5].tolist() == [5, 4, 7]
+
+
+@pytest.mark.parametrize("size, n_factors", [(8, 0), (8, 2), (16, 3), (32, 5)])
+def test_the_pattern_owner_agrees_with_the_rule_written_out(size, n_factors):
+    """partners() (the linear layers' gather) and kept() (attention's mask) against the rule spelled out per cell:
+    (i, j) kept iff i XOR j is 0 or a power of two below 2**n_factors."""
+    rule = torch.tensor([[(i ^ j) in {0, *(2**t for t in range(n_factors))} for j in range(size)] for i in range(size)])
+    xor = torch.arange(size)[:, None] ^ torch.arange(size)[None, :]
+    assert torch.equal(kept(xor, n_factors), rule)
+    gathered = torch.zeros(size, size, dtype=torch.bool)
+    gathered.scatter_(1, partners(size, n_factors), True)
+    assert torch.equal(gathered, rule) and rule.sum(1).eq(n_factors + 1).all()
 
 
 @pytest.mark.parametrize(

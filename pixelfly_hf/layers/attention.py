@@ -40,9 +40,9 @@ logger = logging.getLogger(__name__)
 ATTENTION_NAME = "pixelfly"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# FlexAttention needs BlockMask blocks that its GPU tiles divide (64-token blocks fail in backward); our kernels'
-# tiles are up to 128 rows (attention_launch.MIN_BLOCK_SIZE).
-MIN_GPU_BLOCK_SIZE = 128
+# The smallest block on a GPU, for both paths: our kernels' tiles are up to this many rows, and FlexAttention needs
+# BlockMask blocks its GPU tiles divide (64-token blocks fail in backward).
+MIN_GPU_BLOCK_SIZE = attention_launch.MIN_BLOCK_SIZE
 
 
 def pattern_of(config: PixelflyAttentionConfig) -> PatternSpec:

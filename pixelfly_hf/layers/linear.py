@@ -203,7 +203,7 @@ class PixelflyLinear(nn.Module):
         """The tiles S minimising ||residual - S||, which keeps residual's tiles, or with a covariance
         ||(residual - S) C^(1/2)||: tile row r reads the input columns J_r of its partner tiles, and
         S_r[:, J_r] = residual_r C[:, J_r] C[J_r, J_r]^-1."""
-        B, Fs = self.butterfly_size, self.layout.n_tiles_per_row
+        B, Fs = self.butterfly_size, self.layout.n_slots
         if cov is None:
             return dense_to_butterfly(residual, B, Fs)
         q, p = self.layout.tile_shape
