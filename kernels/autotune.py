@@ -5,6 +5,7 @@ Compiling dominated a cold key (85 s for one 768 -> 3072 layout's products, ~0.5
 per key; docs/dev/optimisation-notes.md); the timing itself stays one config after another.
 """
 import os
+import sys
 
 import torch
 import triton
@@ -55,6 +56,9 @@ class GraphTimedAutotuner(Autotuner):
 
     def check_disk_cache(self, tuning_key, configs, bench_fn):
         def compile_then_time():
+            # only on a key that is in no cache yet: the one wait a first run has, said while it happens
+            print(f"pixelfly: tuning {self.base_fn.__name__} for a new shape ({len(configs)} configs, some seconds; "
+                  "cached on disk for next time)", file=sys.stderr, flush=True)
             args, kwargs = self._call
             compile_configs(self.fn, args, kwargs, configs, COMPILE_THREADS)
             bench_fn()
