@@ -1,14 +1,19 @@
 """pixelfly_hf.training on its own, in this process, without a recipe: the flags and the PixelflyConfig built from
-them, atomic checkpoints, the optimizer, the compile choice."""
+them, the time budget, the densify schedule and the switch itself, atomic checkpoints, the train log, the compile
+choice, and TrainingLoop on a toy model (a time-limited stop, and a resume equal to the uninterrupted run)."""
+import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from pixelfly_hf.training import (ArgumentParser, RecipeError, add_pixelfly_args, add_training_args, check_args,
-                                  compile_plugin, find_checkpoint, make_optimizer, read_checkpoint_state,
-                                  save_checkpoint)
+from pixelfly_hf.training import (ArgumentParser, DensifySchedule, RecipeError, TimeBudget, TrainingLoop, TrainLog,
+                                  add_pixelfly_args, add_training_args, check_args, compile_plugin, densify,
+                                  find_checkpoint, make_accelerator, make_optimizer, make_scheduler,
+                                  read_checkpoint_state, save_checkpoint)
 
 
 def parse(argv, *, output_dir, pretrained=False):
@@ -45,12 +50,75 @@ def test_the_pixelfly_flags_become_the_pixelfly_config(tmp_path):
     assert parse(["--dense", "--density", "7"], output_dir=tmp_path).pixelfly_config is None  # no Pixelfly, no check
 
 
+def test_time_budget_counts_only_while_its_clock_runs():
+    budget = TimeBudget(minutes=0.002, spent=0.05)  # 0.12 s, of which a checkpoint had spent 0.05 s
+    budget.start()
+    time.sleep(0.03)
+    elapsed = budget.stop()
+    time.sleep(0.1)  # evaluation, say: not counted
+    assert 0.03 <= elapsed < 0.09 and budget.spent == pytest.approx(0.05 + elapsed)
+    assert not budget.exhausted
+    budget.start()
+    time.sleep(0.06)
+    budget.stop()
+    assert budget.exhausted
+    assert TimeBudget().limit == float("inf") and not TimeBudget(spent=1e9).exhausted
+
+
+def test_densify_schedule_comes_at_the_step_or_time_fraction():
+    budget = TimeBudget(minutes=2)
+    schedule = DensifySchedule(0.5, 10, budget)
+    assert schedule.step == 5 and schedule.seconds == 60
+    assert not schedule.time_reached(59.9) and schedule.time_reached(60)
+    # at least one step sparse and one dense, whatever the fraction
+    assert DensifySchedule(0.01, 10, budget).step == 1 and DensifySchedule(0.99, 10, budget).step == 9
+    never = DensifySchedule(None, 10, budget)
+    assert never.step is None and not never.time_reached(1e9)
+    assert not DensifySchedule(0.5, 10, TimeBudget()).time_reached(1e9)  # no time budget: only the step
+
+
+def test_densify_merges_into_the_stock_model_and_carries_the_optimizer_state(tmp_path):
+    """densify on a prepared Pixelfly GPT-2 after one step: the stock GPT2LMHeadModel with the same outputs, AdamW
+    moments carried for the parameters the merge keeps and fresh for the merged weights, the schedule continued."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pixelfly_hf import PixelflyConfig, get_model
+
+    args = parse(["--learning_rate", "1e-3", "--max_train_steps", "10", "--num_warmup_steps", "2"], output_dir=tmp_path)
+    accelerator = make_accelerator(args, fixed_shapes=True)
+    torch.manual_seed(0)
+    model = get_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=64, n_positions=16)),
+                      PixelflyConfig(density=0.5, block_size=16, init="random"))
+    optimizer = make_optimizer(model, args, accelerator.device)
+    scheduler = make_scheduler(optimizer, args, accelerator, range(20))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ids = torch.randint(0, 64, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+
+    model, optimizer, scheduler = densify(accelerator, model, optimizer, scheduler, args)
+    unwrapped = accelerator.unwrap_model(model)
+    assert type(unwrapped) is GPT2LMHeadModel
+    with torch.no_grad():
+        assert torch.allclose(unwrapped.eval()(input_ids=ids).logits, before, atol=1e-4)
+    state = optimizer.optimizer.state
+    assert state[unwrapped.transformer.wte.weight]["step"] == 1  # kept by the merge: carried
+    assert unwrapped.transformer.h[0].mlp.c_fc.weight not in state  # merged: fresh
+    assert scheduler.scheduler.last_epoch == 1 and scheduler.get_last_lr()[0] == pytest.approx(5e-4)  # warmup 1/2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 class _FakeAccelerator:
-    """What save_checkpoint needs from an Accelerator; save_state writes a file, then maybe dies."""
+    """What save_checkpoint and TrainLog need from an Accelerator; save_state writes a file, then maybe dies."""
     is_main_process = True
 
     def __init__(self, crash=False):
         self.crash = crash
+        self.logged = []
 
     def wait_for_everyone(self):
         pass
@@ -59,6 +127,9 @@ class _FakeAccelerator:
         (Path(path) / "model.safetensors").write_bytes(b"weights")
         if self.crash:
             raise KeyboardInterrupt("killed mid-write")
+
+    def log(self, record, step):
+        self.logged.append((step, record))
 
 
 def test_checkpoints_are_atomic(tmp_path):
@@ -78,6 +149,19 @@ def test_checkpoints_are_atomic(tmp_path):
     with pytest.raises(RecipeError, match="not a complete checkpoint"):
         find_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / ".tmp-step_8"),
                                         output_dir=str(tmp_path)))
+
+
+def test_train_log_keeps_the_records_up_to_the_resumed_step(tmp_path):
+    args = SimpleNamespace(with_tracking=True, output_dir=str(tmp_path / "out"))
+    accelerator = _FakeAccelerator()
+    log = TrainLog(accelerator, args, resumed_step=None)
+    for step in (1, 2, 3):
+        log.write({"train/loss": float(step)}, step=step)
+    assert accelerator.logged[-1] == (3, {"train/loss": 3.0})  # the trackers get it too
+    TrainLog(accelerator, args, resumed_step=2)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+    TrainLog(accelerator, args, resumed_step=None)
+    assert log.path.read_text() == ""  # a fresh run starts a fresh log
 
 
 def test_optimizer_is_fused_on_gpu_only():
@@ -115,3 +199,69 @@ def test_torch_compile_flag_picks_the_dynamo_plugin(tmp_path, monkeypatch, flag,
     assert plugin.backend.value == backend
     if mode is not None:
         assert plugin.mode == mode
+
+
+class _Regression(torch.nn.Module):
+    """A toy model with the interface TrainingLoop trains: model(**batch).loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.dropout = torch.nn.Dropout(0.2)  # draws from the RNG, which a resume must restore
+
+    def forward(self, x, y):
+        return SimpleNamespace(loss=torch.nn.functional.mse_loss(self.linear(self.dropout(x)), y))
+
+
+def train_toy(argv, output_dir):
+    """TrainingLoop over 40 examples in batches of 4 (10 steps an epoch); returns (result, train_log records)."""
+    args = parse(["--dense", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "0.05",
+                  *argv], output_dir=output_dir)
+    accelerator = make_accelerator(args, fixed_shapes=True)
+    torch.manual_seed(0)
+    x = torch.randn(40, 4)
+    examples = [{"x": xi, "y": xi.sum(0, keepdim=True)} for xi in x]
+    loader = DataLoader(examples, batch_size=4, shuffle=True, drop_last=True)
+    model = _Regression()
+    optimizer = make_optimizer(model, args, accelerator.device)
+    scheduler = make_scheduler(optimizer, args, accelerator, loader)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    def evaluate_fn(model):
+        with torch.no_grad():
+            return {"loss": torch.nn.functional.mse_loss(model.linear(x), x.sum(1, keepdim=True)).item()}
+
+    _, result = TrainingLoop(accelerator, args, model, optimizer, scheduler, loader, evaluate_fn,
+                             count_fn=lambda batch: len(batch["x"]), unit="examples").run()
+    log = [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+    return result, log
+
+
+def test_training_loop_resumes_exactly_where_it_stopped(tmp_path):
+    """A resume from the step_7 checkpoint, in the second epoch, repeats the uninterrupted run's losses exactly: the
+    batches already seen are skipped and the RNG (shuffle, dropout) restored."""
+    full, full_log = train_toy(["--max_train_steps", "15", "--checkpointing_steps", "7", "--eval_steps", "5"],
+                               tmp_path / "full")
+    assert full["completed_steps"] == 15 and full["stopped_by"] == "steps"
+    assert full["final_eval"]["loss"] < 0.7 * full["initial_eval"]["loss"]
+    train = {r["step"]: r for r in full_log if "train/loss" in r}
+    evals = {r["step"]: r for r in full_log if "eval/loss" in r}
+    assert sorted(train) == list(range(1, 16)) and sorted(evals) == [0, 5, 10, 15]
+    assert evals[15]["train/examples"] == 15 * 4 and full["throughput"] > 0
+    assert read_checkpoint_state(tmp_path / "full" / "step_7")["batches_in_epoch"] == 7
+
+    resumed, resumed_log = train_toy(["--max_train_steps", "15", "--resume_from_checkpoint",
+                                      str(tmp_path / "full" / "step_7")], tmp_path / "resumed")
+    assert resumed["initial_eval"] is None and resumed["completed_steps"] == 15
+    again = {r["step"]: r for r in resumed_log if "train/loss" in r}
+    assert sorted(again) == list(range(8, 16))
+    for step in again:
+        assert again[step]["train/loss"] == pytest.approx(train[step]["train/loss"], rel=1e-6), step
+    assert resumed["final_eval"]["loss"] == pytest.approx(full["final_eval"]["loss"], rel=1e-6)
+
+
+def test_training_loop_stops_on_its_time_budget_at_a_logged_step(tmp_path):
+    result, log = train_toy(["--max_train_steps", "100000", "--logging_steps", "3", "--max_train_minutes", "1e-9"],
+                            tmp_path / "out")
+    assert result["stopped_by"] == "time" and result["completed_steps"] == 3
+    assert [r["step"] for r in log] == [0, 3, 3]  # the first eval, the train record, the last eval
