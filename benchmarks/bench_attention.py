@@ -27,7 +27,7 @@ import transformers
 from pixelfly_hf.config import PixelflyAttentionConfig
 from pixelfly_hf.layers.attention import pattern_of, choose_attention, pixelfly_attention_forward
 from pixelfly_kernels.butterfly_attention import block_density, dense_pattern, flex_pixelfly_attention
-import timing  # benchmarks/timing.py
+from pixelfly_hf import timing
 
 
 class _Module(torch.nn.Module):

@@ -13,13 +13,13 @@ end of an equal number of steps on the same data, and with --profile a per-step 
 attention; elementwise/norm; loss; optimizer incl. grad clipping; other) and the host gap (step time minus
 kernel time: large means the GPU waits on Python).
 
-The step is the recipes' (recipes/common.py `fit` under `accelerate launch --mixed_precision bf16`): bf16 autocast on
-the forward with fp32 weights, backward, clip_grad_norm_(1.0), the recipes' AdamW (`common.make_optimizer`: fused on
-GPU, no decay on biases and norms), a linear schedule, zero_grad. Data: GPT-2 and BERT read the shipped Shakespeare
-text through the shipped GPT-2 tokenizer (BERT as masked LM, 15% of the positions masked, vocabulary + 1 for the
-mask token); ViT gets synthetic 10-class images (a fixed template per class plus noise), so its loss can fall. Every
-variant sees the same batches in the same order. The vocabulary is padded to a multiple of --vocab-multiple for
-both variants (64: 50257 -> 50304, as nanoGPT does) so the LM head's GEMMs get aligned tensor-core kernels.
+The step is the recipes' (pixelfly_hf.training's `TrainingLoop` under `accelerate launch --mixed_precision bf16`):
+bf16 autocast on the forward with fp32 weights, backward, clip_grad_norm_(1.0), the recipes' AdamW (`make_optimizer`:
+fused on GPU, no decay on biases and norms), a linear schedule, zero_grad. Data: GPT-2 and BERT read the shipped
+Shakespeare text through the shipped GPT-2 tokenizer (BERT as masked LM, 15% of the positions masked, vocabulary + 1
+for the mask token); ViT gets synthetic 10-class images (a fixed template per class plus noise), so its loss can
+fall. Every variant sees the same batches in the same order. The vocabulary is padded to a multiple of --vocab-multiple
+for both variants (64: 50257 -> 50304, as nanoGPT does) so the LM head's GEMMs get aligned tensor-core kernels.
 
 Pixelfly attention: with --pixelfly-attention (default) the Pixelfly variant uses attention="pixelfly" on rows of at
 least --sparse-attention-from tokens (default 2048, the library's own threshold below which it runs SDPA anyway).
@@ -46,9 +46,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig,
                           ViTForImageClassification, get_scheduler)
 
+from pixelfly_hf.training import make_optimizer  # the recipes' optimizer, so both variants train as the recipes train
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-sys.path.insert(0, str(RECIPES))
-import common  # noqa: E402  (the recipes' optimizer, so both variants train as the recipes train)
 
 VARIANTS = ("dense", "pixelfly")
 MODES = ("eager", "compile", "cudagraphs")
@@ -329,7 +329,7 @@ def run_config(args, row, variant, mode, vocab_size, batches):
     model.to(device).train()
     result["params"] = sum(p.numel() for p in model.parameters())
     hyper = argparse.Namespace(learning_rate=MODELS[row.model].lr, weight_decay=0.01, adam_beta2=0.999)
-    optimizer = common.make_optimizer(model, hyper, device)
+    optimizer = make_optimizer(model, hyper, device)
     total_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
     scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total_steps)
     forward = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None)

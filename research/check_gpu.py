@@ -20,15 +20,13 @@ import dataclasses
 import functools
 import json
 import sys
-from pathlib import Path
 
 import torch
 import triton
 from torch import nn
 
 from pixelfly_hf import PixelflyLinear
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
-from timing import median_ms  # noqa: E402
+from pixelfly_hf.timing import median_ms
 from pixelfly_kernels import butterfly_launch as kernels
 from pixelfly_kernels.butterfly_configs import DW_CONFIGS, DW_SPLIT_CONFIGS, MM_CONFIGS, prune_dw, prune_matmul
 from pixelfly_kernels.reference import butterfly_to_dense

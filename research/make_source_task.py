@@ -24,12 +24,10 @@ import argparse
 import csv
 import random
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_corpus  # noqa: E402  research/make_corpus.py: the pinned downloads and their readers
+import make_corpus  # research/make_corpus.py, beside this script: the pinned downloads and their readers
 
 CLASSES = {"speech": ["sotu"], "books": ["gutenberg"], "brown": ["brown"],
            "commentary": ["tdavid", "mhcc", "scofield"]}

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pixelfly_kernels.butterfly_attention import PatternSpec, block_density, dense_pattern, flex_pixelfly_attention
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # timing.py is shared with the benchmarks
-from timing import median_ms  # noqa: E402
+from pixelfly_hf.timing import median_ms
 
 VARIANTS = {
     "g64": dict(n_global=64),

@@ -1,4 +1,6 @@
-"""Helpers for tests/test_recipes*.py: run a recipe in a fresh CPU process, offline."""
+"""Helpers for the tests of the project's scripts (recipes, benchmarks, research): run a recipe in a fresh CPU
+process, offline, or load a script as a module."""
+import importlib.util
 import json
 import os
 import socket
@@ -37,6 +39,15 @@ def run_recipe(recipe, args, hf_home, *, processes=1, timeout=600, check=True, e
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def import_script(path):
+    """The script at `path` as a module (a fresh one per call): scripts are run, not installed, so no import path
+    reaches them."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers_recipes import ROOT, recipe_env
+from helpers_recipes import ROOT, import_script, recipe_env
 from test_recipes_bert_vit import minilm_dir
 
 BENCHMARKS = ROOT / "benchmarks"
@@ -86,9 +86,7 @@ def test_bench_linear_tune_only_calls_every_product_once_untimed(tmp_path):
 
 def test_bench_linear_keeps_the_finished_shapes_when_cut_short(tmp_path, monkeypatch):
     """A GPU call has a time limit: a run that saved only at the end would lose every shape it had measured."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_linear
-
+    bench_linear = import_script(BENCHMARKS / "bench_linear.py")
     gathered_bmm = bench_linear.gathered_bmm
 
     def stop_in_second_shape(w, xs, gs):
@@ -222,22 +220,16 @@ def test_finetune_recovery_dry_run_compares_dense_and_projected_fine_tunes(tmp_p
 
 
 @pytest.mark.parametrize("name", ["check_gpu", "check_models_gpu", "profile_layer"])
-def test_gpu_only_scripts_import_against_the_current_package(name, monkeypatch):
+def test_gpu_only_scripts_import_against_the_current_package(name):
     """Research scripts with no CPU mode: at least every name they import from the package must still exist."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(RESEARCH))
-    module = importlib.import_module(name)
-    assert callable(module.main)
+    assert callable(import_script(RESEARCH / f"{name}.py").main)
 
 
-def test_check_gpu_every_config_runs_and_passes_in_the_interpreter(monkeypatch):
+def test_check_gpu_every_config_runs_and_passes_in_the_interpreter():
     """--every-config on CPU, fp32, one small shape (patches 80 x 160: the whole-patch tiles serve dX and dW): every
     config the autotuner could pick there runs explicitly, touches no memory outside its tensors (conftest's bounds
     check), and matches the reference."""
-    monkeypatch.syspath_prepend(str(RESEARCH))
-    import check_gpu
-
+    check_gpu = import_script(RESEARCH / "check_gpu.py")
     shapes = [(40, 320, 160, 2, 1), (40, 320, 160, 2, 1, "misaligned")]  # the second: X and dY one element off
     rows = check_gpu.check_every_config(dtype=torch.float32, device="cpu", shapes=shapes, rank=8)
     assert {r["product"] for r in rows} == {"fwd", "dX", "dW"} and len(rows) >= 40
@@ -247,12 +239,10 @@ def test_check_gpu_every_config_runs_and_passes_in_the_interpreter(monkeypatch):
     assert all(r["err"] < 1e-5 for r in rows), [r for r in rows if not r["err"] < 1e-5]
 
 
-def test_check_gpu_kernel_grid_runs_and_passes_in_the_interpreter(monkeypatch):
+def test_check_gpu_kernel_grid_runs_and_passes_in_the_interpreter():
     """check_gpu's correctness grid on CPU, fp32, small shapes: a slip in the
     script shows here instead of in a paid GPU session."""
-    monkeypatch.syspath_prepend(str(RESEARCH))
-    import check_gpu
-
+    check_gpu = import_script(RESEARCH / "check_gpu.py")
     rows = check_gpu.check_kernels(dtype=torch.float32, device="cpu", grid=check_gpu.GRID[:3])
     assert [set(r) - {"shape"} for r in rows] == [{"fwd", "dX", "dW"}] * 3
     assert all(err < 1e-5 for r in rows for name, err in r.items() if name != "shape"), rows

@@ -19,6 +19,7 @@ MODULES = [
     "pixelfly_hf.merge",
     "pixelfly_hf.models.gpt2",
     "pixelfly_hf.mapping",
+    "pixelfly_hf.training",
 ]
 # loaded only once transformers' Auto classes or model code, a layer, the planner or get_model is used
 HEAVY = ["torch", "transformers.configuration_utils", "pixelfly_hf.models", "pixelfly_kernels", "triton",

@@ -1,24 +1,19 @@
-"""The GPT-2 accelerate recipe end to end on CPU, offline: train -> save -> reload, bad flags, atomic
-checkpoints, resume after SIGKILL, and two real CPU processes (DDP over gloo)."""
+"""The GPT-2 accelerate recipe end to end on CPU, offline: train -> save -> reload, bad flags, the time limit, resume
+after SIGKILL, and two real CPU processes (DDP over gloo)."""
 import json
 import math
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers_recipes import RECIPES, ROOT, read_log, read_results, recipe_env, run_recipe
+from helpers_recipes import RECIPES, ROOT, import_script, read_log, read_results, recipe_env, run_recipe
+from pixelfly_hf.training import RecipeError, TrainingLoop, read_checkpoint_state
 
-sys.path.insert(0, str(RECIPES))
-import checkpoints  # noqa: E402
-import common  # noqa: E402
-import gpt2_wikitext  # noqa: E402
-import inputs  # noqa: E402
+gpt2_wikitext = import_script(RECIPES / "gpt2_wikitext.py")
 
 SHAKESPEARE = RECIPES / "data" / "shakespeare"
 TINY = ["--model_size", "tiny", "--seq_len", "32", "--per_device_train_batch_size", "4",
@@ -96,7 +91,7 @@ def test_gpt2_stops_at_the_time_limit(tmp_path, hf_home, text_files):
     results = read_results(out)
     assert results["stopped_by"] == "time"
     # the last checkpoint records the position inside its epoch, so resuming continues from there
-    state = max((checkpoints.read_checkpoint_state(p) for p in out.glob("epoch_*")), key=lambda s: s["completed_steps"])
+    state = max((read_checkpoint_state(p) for p in out.glob("epoch_*")), key=lambda s: s["completed_steps"])
     assert state["completed_steps"] == results["completed_steps"] and state["batches_in_epoch"] > 0
     assert state["train_seconds"] == pytest.approx(results["train_seconds"])
     assert results["completed_steps"] % 2 == 0 and 2 <= results["completed_steps"] < 100000
@@ -118,17 +113,6 @@ def test_gpt2_epoch_has_only_full_batches(tmp_path, hf_home, text_files):
     assert read_results(out)["completed_steps"] == 14
 
 
-def test_optimizer_is_fused_on_gpu_only():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    args = SimpleNamespace(weight_decay=0.1, learning_rate=1e-3, adam_beta2=0.95)
-    for device, fused in (("cuda", True), ("cpu", False)):
-        optimizer = common.make_optimizer(model, args, torch.device(device))
-        assert bool(optimizer.defaults["fused"]) is fused
-        decay, no_decay = optimizer.param_groups
-        assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.1
-        assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--max_train_minutes", "0"], "--max_train_minutes 0.0 must be > 0"),
     (["--density", "1.5"], "--density 1.5 is out of range"),
@@ -136,14 +120,15 @@ def test_optimizer_is_fused_on_gpu_only():
     (["--seq_len", "2048"], "--seq_len 2048 does not fit the model: it has 1024 positions"),
     (["--text_column_name", "body"], "--text_column_name 'body' is not a column of the dataset"),
     (["--pixelfly_block_size", "24"], "--pixelfly_block_size 24 is not a power of 2"),
+    (["--pixelfly_block_size", "8"], "--pixelfly_block_size 8 is not a power of 2 of at least 16"),  # before the data
     (["--checkpointing_steps", "often"], "--checkpointing_steps 'often'"),
 ])
 def test_gpt2_bad_flags_fail_before_training(tmp_path, text_files, flags, message, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("training started despite a bad flag")
 
-    monkeypatch.setattr(common, "fit", no_training)
-    with pytest.raises(inputs.RecipeError, match=message.replace("(", r"\(")):
+    monkeypatch.setattr(TrainingLoop, "__init__", no_training)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
         gpt2_wikitext.main([*TINY, *text_files, *flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -154,41 +139,6 @@ def test_bad_flag_exits_with_a_clear_message(tmp_path, hf_home, text_files):
     assert proc.returncode == 1
     assert "error: --density 2.0 is out of range: give a fraction in (0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-class _FakeAccelerator:
-    """What save_checkpoint needs from an Accelerator; save_state writes a file, then maybe dies."""
-    is_main_process = True
-
-    def __init__(self, crash=False):
-        self.crash = crash
-
-    def wait_for_everyone(self):
-        pass
-
-    def save_state(self, path):
-        (Path(path) / "model.safetensors").write_bytes(b"weights")
-        if self.crash:
-            raise KeyboardInterrupt("killed mid-write")
-
-
-def test_checkpoints_are_atomic(tmp_path):
-    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4})
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(_FakeAccelerator(crash=True), tmp_path, "step_8", {"completed_steps": 8})
-    assert not (tmp_path / "step_8").exists()
-    assert (tmp_path / ".tmp-step_8").is_dir()  # the half-written one is only ever a temp folder
-    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
-    assert checkpoints.find_checkpoint(args) == tmp_path / "step_4"
-    # The next save of that step replaces the debris; re-saving an existing step replaces it whole.
-    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_8", {"completed_steps": 8})
-    checkpoints.save_checkpoint(_FakeAccelerator(), tmp_path, "step_4", {"completed_steps": 4, "again": True})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_8"]
-    assert checkpoints.find_checkpoint(args) == tmp_path / "step_8"
-    assert checkpoints.read_checkpoint_state(tmp_path / "step_4")["again"] is True
-    with pytest.raises(inputs.RecipeError, match="not a complete checkpoint"):
-        checkpoints.find_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / ".tmp-step_8"),
-                                               output_dir=str(tmp_path)))
 
 
 @pytest.mark.slow

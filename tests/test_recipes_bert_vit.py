@@ -12,8 +12,9 @@ import torch
 
 import pixelfly_hf  # noqa: F401  (registers the Pixelfly model types for the Auto classes)
 
-from helpers_recipes import read_log, read_results, run_recipe
+from helpers_recipes import RECIPES, import_script, read_log, read_results, run_recipe
 from hub_server import LocalHub
+from pixelfly_hf.training import RecipeError, TrainingLoop
 
 POSITIVE = ["good", "great", "love", "wonderful", "happy", "best", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "hate", "terrible", "sad", "worst", "poor", "dull"]
@@ -116,16 +117,9 @@ def test_bert_recipe_fits_the_projection_to_calibration_batches(tmp_path, hf_hom
     (["--calibration_batches", "-1"], "--calibration_batches -1 is negative"),
 ])
 def test_bert_bad_flags_fail_before_training(tmp_path, sentiment_csv, tiny_bert, flags, message, monkeypatch):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import bert_glue
-    import common
-    import inputs
-
-    monkeypatch.setattr(common, "fit", lambda *a, **k: pytest.fail("training started despite a bad flag"))
-    with pytest.raises(inputs.RecipeError, match=message):
-        bert_glue.main([*bert_flags(sentiment_csv, tiny_bert, tmp_path / "out"), *flags])
+    monkeypatch.setattr(TrainingLoop, "__init__", lambda *a, **k: pytest.fail("training started despite a bad flag"))
+    with pytest.raises(RecipeError, match=message):
+        import_script(RECIPES / "bert_glue.py").main([*bert_flags(sentiment_csv, tiny_bert, tmp_path / "out"), *flags])
 
 
 @pytest.mark.slow

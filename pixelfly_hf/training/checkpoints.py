@@ -5,7 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
-from inputs import RecipeError
+from .errors import RecipeError
 
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"

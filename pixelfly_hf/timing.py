@@ -1,4 +1,4 @@
-"""Timing shared by the benchmark scripts: triton's do_bench on the GPU, a plain median on CPU (dry runs)."""
+"""Timing shared by the benchmark and research scripts: triton's do_bench on the GPU, a plain median on CPU (dry runs)."""
 import statistics
 import time
 

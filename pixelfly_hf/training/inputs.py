@@ -1,6 +1,6 @@
-"""The recipes' checks of their inputs: bad flags, paths, files and Hub access become one RecipeError line
-(`common.run` prints it as `error: ...` and exits 1) before anything is trained or written."""
-import argparse
+"""Checks of a training script's inputs: model folders (and their model family), data files, dataset columns and Hub
+access each fail in one RecipeError line (`run_main` prints it as `error: ...` and exits 1) before anything is trained
+or written."""
 import os
 import socket
 from contextlib import contextmanager
@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-
-class RecipeError(ValueError):
-    """A bad flag or input, reported before training starts."""
+from .errors import RecipeError
 
 
 class Family(NamedTuple):
@@ -32,29 +30,6 @@ FAMILIES = {
                    "AutoTokenizer"),
 }
 PIXELFLY_PREFIX = "pixelfly_"  # a Pixelfly model's model_type is this + its dense family's
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, except where the help text already says it (a default resolved per run,
-    left None in the parser) and for on/off switches."""
-
-    def _get_help_string(self, action):
-        text = action.help
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default:" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are RecipeErrors, so that every bad input ends the same way: one `error:`
-    line and exit status 1, the status `accelerate launch` gives any failed script (commands/launch.py)."""
-
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=HelpFormatter)
-
-    def error(self, message):
-        raise RecipeError(f"{message} (see {self.prog} --help)")
 
 
 def looks_local(name):
