@@ -34,7 +34,7 @@ def arms(densities, calibration_batches: int):
     """Dense, and per density the projection fitted to the weights and (calibration_batches > 0) to the outputs."""
     result = {"dense": ["--dense"]}
     for d in densities:
-        result[f"pixelfly-{d:g}"] = ["--density", str(d)]
+        result[f"pixelfly-{d:g}"] = ["--density", str(d), "--calibration_batches", "0"]
         if calibration_batches:
             result[f"pixelfly-{d:g}-calibrated"] = ["--density", str(d), "--calibration_batches",
                                                    str(calibration_batches)]

@@ -98,11 +98,12 @@ def test_bert_recipe_tiny_model_trains_saves_and_reloads(tmp_path, hf_home, sent
 
 
 def test_bert_recipe_fits_the_projection_to_calibration_batches(tmp_path, hf_home, sentiment_csv, tiny_bert):
-    """--calibration_batches: the projected matrices are fitted to their outputs on that many training batches,
-    and the recipe says which fit it made and its error."""
-    for flags, said in (([], "each matrix fitted to its weights"),
-                        (["--calibration_batches", "2"], "each matrix fitted to its outputs on 2 training batches")):
-        out = tmp_path / f"out{len(flags)}"
+    """--calibration_batches: the projected matrices are fitted to their outputs on that many training batches (8
+    unless told), or to their weights with 0, and the recipe says which fit it made and its error."""
+    for flags, said in ((["--calibration_batches", "0"], "each matrix fitted to its weights"),
+                        (["--calibration_batches", "2"], "each matrix fitted to its outputs on 2 training batches"),
+                        ([], "each matrix fitted to its outputs on 8 training batches")):
+        out = tmp_path / f"out{len(flags)}{''.join(flags)}"
         proc = run_recipe("bert_glue.py", [*bert_flags(sentiment_csv, tiny_bert, out), "--max_train_steps", "1",
                                            "--pixelfly_block_size", "16", *flags], hf_home)
         line = next(line for line in proc.stdout.splitlines() if line.startswith("projected: "))

@@ -8,7 +8,10 @@ from .errors import RecipeError
 
 
 def calibration_batches(train_dataloader, args):
-    """get_model's calibration_data: the first --calibration_batches training batches, or None (fit the weights)."""
+    """get_model's calibration_data: the first --calibration_batches training batches, or None (fit the weights).
+    A training set with fewer batches gives all it has, and args.calibration_batches becomes that count, which the
+    printed plan and all_results.json report."""
+    args.calibration_batches = min(args.calibration_batches, len(train_dataloader))
     return itertools.islice(train_dataloader, args.calibration_batches) if args.calibration_batches else None
 
 
