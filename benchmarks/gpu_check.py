@@ -6,7 +6,8 @@
 1. tests: `pytest -m gpu`, all of it (kernels, layers, attention, compiled models with and without CUDA graphs);
 2. recipes: each recipe on its GPU default (`--torch_compile auto`, bf16 under `accelerate launch`) for a few dozen
    steps through an evaluation and the save, then the saved folder loaded back with `from_pretrained` and run on
-   the GPU; GPT-2 once more with `--densify_at` (Pixelfly, then merged to dense mid-run);
+   the GPU (GPT-2 with `--compare_dense_steps`, the README's GPU quick start); GPT-2 once more with `--densify_at`
+   (Pixelfly, then merged to dense mid-run);
 3. bench: dense against Pixelfly training steps of GPT-2 small and medium, both compiled with CUDA graphs, in one
    process (benchmarks/bench_e2e.py), as step-time ratios.
 
@@ -123,7 +124,7 @@ print(type(model).__name__, sum(type(m).__name__ == "PixelflyLinear" for m in mo
 RECIPES = {
     # name: (script, Auto class, inputs built in the reload process, extra flags)
     "gpt2": ("gpt2_wikitext.py", "AutoModelForCausalLM",
-             "{'input_ids': torch.randint(0, 50257, (2, 64), device='cuda')}", []),
+             "{'input_ids': torch.randint(0, 50257, (2, 64), device='cuda')}", ["--compare_dense_steps", "5"]),
     "bert": ("bert_glue.py", "AutoModelForSequenceClassification",
              "{'input_ids': torch.randint(1000, 20000, (2, 64), device='cuda')}", []),
     "vit": ("vit_cifar.py", "AutoModelForImageClassification",

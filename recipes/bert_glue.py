@@ -24,7 +24,7 @@ from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add
                                   announce, calibration_batches, check_args, check_column, check_data_file,
                                   check_model_folder, default_output_dir, finish, hub_access, init_tracking,
                                   limit_samples, load_model_config, make_accelerator, make_optimizer, make_scheduler,
-                                  make_train_dataloader, plan_must_fit, print_plan, run_main)
+                                  make_train_dataloader, plan_must_fit, print_plan, run_main, time_dense_steps)
 
 # task: (text columns, evaluation split)
 GLUE_TASKS = {
@@ -122,6 +122,11 @@ def load_data(args):
     return raw, columns
 
 
+def count_tokens(batch):
+    """Tokens without the padding."""
+    return int(batch["attention_mask"].sum())
+
+
 def main(argv=None):
     args = parse_args(argv)
     shipped = args.train_file == str(SHIPPED_DATA / "train.csv")
@@ -176,8 +181,10 @@ def main(argv=None):
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id=label_to_id)
-    sparsity = None
+    sparsity = dense_rate = None
     if args.pixelfly_config is not None:
+        if args.compare_dense_steps:
+            dense_rate = time_dense_steps(model, accelerator, args, train_dataloader, count_tokens)
         with plan_must_fit():
             model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
         sparsity = print_plan(model, accelerator, args)
@@ -203,14 +210,14 @@ def main(argv=None):
         return {**accuracy.compute(), **f1.compute(average="binary" if two_classes else "macro")}
 
     model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                                 evaluate_classifier, count_fn=lambda batch: int(batch["attention_mask"].sum()),
+                                 evaluate_classifier, count_fn=count_tokens,
                                  unit="tokens").run()
 
     finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="bert_glue.py",
            base=f"BERT ({'MiniLM-L6' if minilm else args.model_name_or_path})",
            dataset=f"GLUE {args.task_name}" if args.task_name else args.train_file,
            model_class="AutoModelForSequenceClassification", metric="accuracy",
-           tags=["bert", "text-classification"], extra={"max_seq_length": args.max_seq_length})
+           tags=["bert", "text-classification"], extra={"max_seq_length": args.max_seq_length}, dense_rate=dense_rate)
     return result
 
 

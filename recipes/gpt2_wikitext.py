@@ -25,7 +25,8 @@ from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add
                                   announce, calibration_batches, check_args, check_column, check_data_file,
                                   check_model_folder, finish, hub_access, init_tracking, limit_samples,
                                   load_model_config, make_accelerator, make_optimizer, make_scheduler,
-                                  make_train_dataloader, plan_must_fit, print_plan, resolve_defaults, run_main)
+                                  make_train_dataloader, plan_must_fit, print_plan, resolve_defaults, run_main,
+                                  time_dense_steps)
 
 # name: (n_layer, n_embd, n_head, Pixelfly minimum tile, default lr, default sequence length)
 MODEL_SIZES = {
@@ -108,6 +109,10 @@ def load_text(args):
     return raw
 
 
+def count_tokens(batch):
+    return batch["input_ids"].numel()
+
+
 def tokenize_and_group(raw, tokenizer, seq_len, args):
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)  # long-text warning
     tokenized = raw.map(lambda ex: tokenizer(ex[args.text_column_name]), batched=True,
@@ -177,8 +182,10 @@ def main(argv=None):
     # GPT2LMHeadModel's class name maps to no loss type: name it, or transformers warns on every forward
     # (and torch.compile breaks the graph there)
     model.loss_type = "ForCausalLM"
-    sparsity = None
+    sparsity = dense_rate = None
     if args.pixelfly_config is not None:
+        if args.compare_dense_steps:
+            dense_rate = time_dense_steps(model, accelerator, args, train_dataloader, count_tokens)
         with plan_must_fit():
             model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
         sparsity = print_plan(model, accelerator, args)
@@ -204,14 +211,14 @@ def main(argv=None):
         return metric.compute()
 
     model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                                 evaluate_perplexity, count_fn=lambda batch: batch["input_ids"].numel(),
+                                 evaluate_perplexity, count_fn=count_tokens,
                                  unit="tokens").run()
 
     finish(accelerator, args, model, result, sparsity, processor=tokenizer, recipe="gpt2_wikitext.py",
            base=f"GPT-2 ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
            dataset=args.train_file or f"{args.dataset_name} ({args.dataset_config_name})",
            model_class="AutoModelForCausalLM", metric="perplexity", tags=["gpt2", "text-generation"],
-           extra={"seq_len": seq_len})
+           extra={"seq_len": seq_len}, dense_rate=dense_rate)
     return result
 
 

@@ -26,7 +26,7 @@ from pixelfly_hf.training import (ArgumentParser, RecipeError, TrainingLoop, add
                                   announce, calibration_batches, check_args, check_column, check_model_folder, finish,
                                   hub_access, init_tracking, limit_samples, load_model_config, make_accelerator,
                                   make_optimizer, make_scheduler, make_train_dataloader, plan_must_fit, print_plan,
-                                  resolve_defaults, run_main)
+                                  resolve_defaults, run_main, time_dense_steps)
 
 # name: (hidden, layers, heads, Pixelfly minimum tile, default lr, default batch size)
 MODEL_SIZES = {
@@ -149,6 +149,10 @@ def make_transforms(size, mean, std):
     return train, evaluate
 
 
+def count_images(batch):
+    return batch["pixel_values"].shape[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
     shipped = not args.train_dir and not args.dataset_name
@@ -202,8 +206,10 @@ def main(argv=None):
 
     train_dataloader = make_train_dataloader(train_set, args, collate)
     eval_dataloader = DataLoader(eval_set, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
-    sparsity = None
+    sparsity = dense_rate = None
     if args.pixelfly_config is not None:
+        if args.compare_dense_steps:
+            dense_rate = time_dense_steps(model, accelerator, args, train_dataloader, count_images)
         with plan_must_fit():
             model = get_model(model, args.pixelfly_config, calibration_data=calibration_batches(train_dataloader, args))
         sparsity = print_plan(model, accelerator, args)
@@ -225,14 +231,14 @@ def main(argv=None):
         return metric.compute()
 
     model, result = TrainingLoop(accelerator, args, model, optimizer, lr_scheduler, train_dataloader,
-                                 evaluate_accuracy, count_fn=lambda batch: batch["pixel_values"].shape[0],
+                                 evaluate_accuracy, count_fn=count_images,
                                  unit="images").run()
 
     finish(accelerator, args, model, result, sparsity, processor=processor, recipe="vit_cifar.py",
            base=f"ViT ({args.model_name_or_path or args.model_size + ' preset, from scratch'})",
            dataset=args.train_dir or args.dataset_name or "the shipped digits",
            model_class="AutoModelForImageClassification", metric="accuracy",
-           tags=["vit", "image-classification"], extra={"image_size": model.config.image_size})
+           tags=["vit", "image-classification"], extra={"image_size": model.config.image_size}, dense_rate=dense_rate)
     return result
 
 

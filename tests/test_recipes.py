@@ -80,6 +80,23 @@ def test_gpt2_trains_saves_and_reloads(tmp_path, hf_home, text_files, dense):
         assert "transformer.h.0.mlp.c_fc" in card
 
 
+def test_gpt2_compare_dense_prints_both_rates_and_leaves_the_run_unchanged(tmp_path, hf_home, text_files):
+    """--compare_dense_steps times the dense model before training and reports its rate beside Pixelfly's; the
+    Pixelfly run itself (weights, data order, dropout) is the one it would have been without the flag."""
+    flags = [*TINY, *text_files, "--max_train_steps", "4", "--logging_steps", "2"]
+    run_recipe("gpt2_wikitext.py", [*flags, "--output_dir", str(tmp_path / "plain")], hf_home)
+    proc = run_recipe("gpt2_wikitext.py", [*flags, "--compare_dense_steps", "2", "--output_dir",
+                                           str(tmp_path / "compared")], hf_home)
+    plain, compared = read_results(tmp_path / "plain"), read_results(tmp_path / "compared")
+    assert compared["eval_loss"] == plain["eval_loss"] and compared["pixelfly"]
+    assert compared["dense_tokens_per_second"] > 0 and "dense_tokens_per_second" not in plain
+    assert compared["steady_tokens_per_second"] > 0
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("compared with dense:"))
+    ratio = compared["steady_tokens_per_second"] / compared["dense_tokens_per_second"]
+    assert f"Pixelfly {compared['steady_tokens_per_second']:,.0f} tokens/s" in line
+    assert f"timed on 2 steps before training): {ratio:.2f}x dense" in line
+
+
 def test_gpt2_stops_at_the_time_limit(tmp_path, hf_home, text_files):
     """--max_train_minutes ends a run long before --max_train_steps, at a logging step, with the time and
     token counts in every eval record (what equal-time comparisons plot)."""
@@ -122,6 +139,8 @@ def test_gpt2_epoch_has_only_full_batches(tmp_path, hf_home, text_files):
     (["--pixelfly_block_size", "24"], "--pixelfly_block_size 24 is not a power of 2"),
     (["--pixelfly_block_size", "8"], "--pixelfly_block_size 8 is not a power of 2 of at least 16"),  # before the data
     (["--checkpointing_steps", "often"], "--checkpointing_steps 'often'"),
+    (["--compare_dense_steps", "-1"], "--compare_dense_steps -1 is negative"),
+    (["--compare_dense_steps", "2", "--dense"], "--compare_dense_steps times the dense model beside a Pixelfly run"),
 ])
 def test_gpt2_bad_flags_fail_before_training(tmp_path, text_files, flags, message, monkeypatch):
     def no_training(*args, **kwargs):

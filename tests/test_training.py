@@ -265,3 +265,19 @@ def test_training_loop_stops_on_its_time_budget_at_a_logged_step(tmp_path):
                             tmp_path / "out")
     assert result["stopped_by"] == "time" and result["completed_steps"] == 3
     assert [r["step"] for r in log] == [0, 3, 3]  # the first eval, the train record, the last eval
+
+
+def test_training_loop_waits_for_the_device_only_before_untimed_work(tmp_path, monkeypatch):
+    """The clock waits for queued GPU work before a log, an evaluation, a checkpoint, an epoch's end and the last
+    step (whose work would otherwise finish outside it), and at no other step. The steady rate leaves out the first
+    logged window (the compile and the kernel tuning)."""
+    waits = []
+    monkeypatch.setattr("pixelfly_hf.training.loop.synchronize", waits.append)
+    result, _ = train_toy(["--max_train_steps", "15", "--logging_steps", "5", "--eval_steps", "3",
+                           "--checkpointing_steps", "7"], tmp_path / "out")
+    assert len(waits) == len({5, 10, 15} | {3, 6, 9, 12} | {7, 14} | {10})  # logs, evals, checkpoints, epoch end
+    assert result["steady_throughput"] > 0
+
+    short, _ = train_toy(["--max_train_steps", "4", "--logging_steps", "5"], tmp_path / "short")
+    assert short["steady_throughput"] is None and short["throughput"] > 0
+

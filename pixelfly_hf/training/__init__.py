@@ -11,6 +11,7 @@ use them, one module per job:
     loop         TrainingLoop: train, log, evaluate, checkpoint, resume, switch to dense, stop on time
     time_budget  TimeBudget: training time, evaluation excluded, against --max_train_minutes
     densify      DensifySchedule and densify: sparse, then dense (--densify_at)
+    dense_rate   time_dense_steps: the same model's dense training rate, timed beside the run (--compare_dense_steps)
     checkpoints  atomic, resumable checkpoints
     train_log    train_log.jsonl and accelerate's trackers
     finish       the saved model, all_results.json, the printed summary; model_card (README.md) and hub (the push)
@@ -20,6 +21,7 @@ The names below are re-exported here; `from pixelfly_hf.training import TimeBudg
 from .accelerator import announce, compile_plugin, make_accelerator
 from .checkpoints import find_checkpoint, read_checkpoint_state, save_checkpoint
 from .data import limit_samples, make_train_dataloader
+from .dense_rate import time_dense_steps
 from .densify import DensifySchedule, densify
 from .errors import RecipeError, run_main
 from .finish import finish
@@ -38,5 +40,5 @@ __all__ = [
     "ArgumentParser", "add_pixelfly_args", "add_training_args", "check_args", "default_output_dir",
     "pixelfly_config", "resolve_defaults", "check_column", "check_data_file", "check_model_folder", "hub_access",
     "load_model_config", "TrainingLoop", "make_optimizer", "make_scheduler", "calibration_batches", "plan_must_fit",
-    "print_plan", "TimeBudget", "TrainLog", "init_tracking",
+    "print_plan", "TimeBudget", "TrainLog", "init_tracking", "time_dense_steps",
 ]

@@ -2,6 +2,7 @@
 and Pixelfly flags, their defaults and their checks. Every check ends in one RecipeError naming the flag and the fix;
 the Pixelfly flags are checked by building the PixelflyConfig from them, the one place that knows their rules."""
 import argparse
+import os
 from pathlib import Path
 
 from transformers import SchedulerType
@@ -120,6 +121,10 @@ def add_pixelfly_args(parser, *, target_modules=("attn", "mlp"), density=0.25, b
                    help="with a pretrained model: fit each projected matrix to its outputs on this many training "
                         "batches instead of to its weights (0: fit the weights; default: 8 with pretrained weights, "
                         "which halved the fine-tuned accuracy gap to dense in docs/dev/benchmarks-log.md)")
+    g.add_argument("--compare_dense_steps", type=int, default=0,
+                   help="before training, time this many steps of the same model left dense (same batches, "
+                        "precision, compile mode and optimizer) and print its rate beside Pixelfly's at the end "
+                        "(one process; 0: no comparison)")
     g.add_argument("--pixelfly_attention", choices=["dense", "pixelfly"], default="dense",
                    help="attention scores: dense SDPA, or Pixelfly block-sparse + low-rank attention")
     g.add_argument("--target_modules", nargs="+", default=list(target_modules),
@@ -169,6 +174,15 @@ def check_args(args, *, pretrained: bool):
         if args.calibration_batches and not pretrained:
             raise RecipeError(f"--calibration_batches {args.calibration_batches} fits projected pretrained matrices, "
                               "but this model trains from scratch: give --model_name_or_path, or leave the flag out")
+    if args.compare_dense_steps:
+        if args.compare_dense_steps < 0:
+            raise RecipeError(f"--compare_dense_steps {args.compare_dense_steps} is negative: give a few dozen steps, "
+                              "e.g. 20, or 0 for no comparison")
+        if args.dense:
+            raise RecipeError("--compare_dense_steps times the dense model beside a Pixelfly run: leave out --dense")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RecipeError("--compare_dense_steps times one process: launch with --num_processes 1, or leave "
+                              "the flag out")
     if args.num_train_epochs is None:
         args.num_train_epochs = args.default_num_train_epochs
     if args.densify_at is not None:

@@ -10,6 +10,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from .checkpoints import find_checkpoint, read_checkpoint_state, save_checkpoint
+from .dense_rate import synchronize
 from .densify import DensifySchedule, densify
 from .optimizer import plan_steps
 from .time_budget import TimeBudget
@@ -48,7 +49,8 @@ class TrainingLoop:
     """TrainingLoop(...).run() trains the prepared model for args.max_train_steps (or args.num_train_epochs, or
     until --max_train_minutes), evaluating before, every --eval_steps and after, and returns (model, result): the
     model trained last (the dense one after --densify_at) and {"initial_eval", "final_eval", "completed_steps",
-    "train_seconds", "stopped_by", "throughput", "unit", "densified_at"}.
+    "train_seconds", "stopped_by", "throughput", "steady_throughput" (after the first logged window, which holds the
+    compile and the kernel tuning; None before a second window), "unit", "densified_at"}.
 
     evaluate_fn(model) -> dict of metrics (computed with gather_for_metrics, the same on every process).
     count_fn(batch) -> the number of `unit`s (tokens, images, ...) in this process's batch, for throughput.
@@ -69,6 +71,7 @@ class TrainingLoop:
         self.budget = TimeBudget(args.max_train_minutes, spent=self.start["train_seconds"])
         self.logged_seconds, self.logged_units = self.start["train_seconds"], self.start["units_seen"]
         self.window = Window()
+        self.steady = Window()  # the windows after the first, which holds the compile and the kernel tuning
         self.densify_schedule = DensifySchedule(args.densify_at, args.max_train_steps, self.budget)
         self.densified_at = None  # the step of the switch to dense
         self.stopped_by = "steps"
@@ -103,6 +106,8 @@ class TrainingLoop:
                             "completed_steps": self.completed_steps, "train_seconds": self.logged_seconds,
                             "stopped_by": self.stopped_by,
                             "throughput": self.logged_units / self.logged_seconds if self.logged_seconds else None,
+                            "steady_throughput": self.steady.units / self.steady.seconds if self.steady.seconds
+                            else None,
                             "unit": self.unit, "densified_at": self.densified_at}
 
     def train_epoch(self, epoch):
@@ -124,6 +129,8 @@ class TrainingLoop:
             batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
+            if self.pauses_after_step(batches_in_epoch):
+                synchronize(accelerator.device)  # this step's GPU work belongs inside the clock
             self.window.seconds += self.budget.stop()
             self.end_step(epoch, batches_in_epoch)
             if self.finished:
@@ -151,6 +158,17 @@ class TrainingLoop:
         self.window.loss += loss.detach().double()
         self.window.micro_batches += 1
         self.window.units += self.count_fn(batch)
+
+    def pauses_after_step(self, batches_in_epoch):
+        """Whether untimed work (a log, an evaluation, a checkpoint, the switch to dense, the end of an epoch) follows
+        the optimizer step just taken. Only then does the clock wait for the GPU: elsewhere the next step's batch
+        copy waits for it, inside the clock, and Python keeps launching ahead of the GPU."""
+        args, step = self.args, self.completed_steps + 1
+        every = args.checkpointing_steps
+        return (step % args.logging_steps == 0 or step >= args.max_train_steps or step == self.densify_schedule.step
+                or bool(args.eval_steps) and step % args.eval_steps == 0
+                or every not in (None, "epoch") and step % int(every) == 0
+                or batches_in_epoch == len(self.train_dataloader))
 
     def end_step(self, epoch, batches_in_epoch):
         """After an optimizer step: count it; log, switch to dense, evaluate and checkpoint where due."""
@@ -184,6 +202,9 @@ class TrainingLoop:
                   f"train/{self.unit}_per_second": rate, "epoch": epoch}
         self.log.write(record, step=self.completed_steps)
         self.progress.set_postfix(loss=f"{loss:.4f}", **{f"{self.unit}/s": f"{rate:,.0f}"})
+        if self.logged_seconds > self.start["train_seconds"]:  # not the run's first window
+            self.steady.units += units
+            self.steady.seconds += window.seconds
         self.logged_seconds += window.seconds
         self.logged_units += units
         self.window = Window()
