@@ -11,7 +11,7 @@ import warnings
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .calibration import input_covariances
+from .calibration import project_calibrated
 from .config import OVERRIDE_KEYS, PixelflyConfig
 from .models import import_architectures
 from .models.base import PixelflyModelMixin
@@ -188,8 +188,9 @@ def get_model(model: nn.Module, config: PixelflyConfig, calibration_data=None) -
 
     calibration_data: with init="project", a few batches of the model's inputs (dicts of keyword inputs, e.g. from
     your DataLoader, or input tensors). Each matrix is then fitted to reproduce its outputs on the inputs these
-    batches send it, rather than its weights (calibration.py); `projection_error` is then the relative output error.
-    A few thousand tokens are enough for 768-wide inputs.
+    batches send it, rather than its weights, in forward order so that each matrix makes up for the error of those
+    before it (calibration.py); `projection_error` is then the relative output error. A few thousand tokens are
+    enough for 768-wide inputs.
     """
     if not isinstance(config, PixelflyConfig):
         raise TypeError(f"config must be a PixelflyConfig, got {type(config).__name__}")
@@ -199,10 +200,10 @@ def get_model(model: nn.Module, config: PixelflyConfig, calibration_data=None) -
                          "PixelflyConfig(init='project') or leave calibration_data out")
     arch, pixelfly_class = _find_architecture(model)
     plan = resolve_plan(model, config)
-    covariances = (None if calibration_data is None
-                   else input_covariances(model, model.base_model, list(plan), calibration_data))
-    install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters,
-                            input_covariances=covariances)
+    if calibration_data is None:
+        install_pixelfly_layers(model.base_model, plan, project=config.init == "project", n_iter=config.projection_iters)
+    else:
+        project_calibrated(model, model.base_model, plan, calibration_data, n_iter=config.projection_iters)
 
     old_config = model.config
     new_config = _pixelfly_model_config(arch, old_config, plan, config)

@@ -144,7 +144,8 @@ class PixelflyLinear(nn.Module):
         return dense
 
     @torch.no_grad()
-    def project_(self, dense: torch.Tensor, n_iter: int = 3, input_covariance: torch.Tensor | None = None) -> float:
+    def project_(self, dense: torch.Tensor, n_iter: int = 3, input_covariance: torch.Tensor | None = None,
+                 cross_covariance: torch.Tensor | None = None) -> float:
         """Set S + U V to the best fit of `dense` (out x in) and return its relative error.
 
         Without `input_covariance` the fit minimises the Frobenius error ||W - S - U V||: it alternates the two
@@ -157,6 +158,12 @@ class PixelflyLinear(nn.Module):
         there, so the fit spends the parameters where the outputs need them. C is damped by 1% of its mean
         diagonal, which keeps the solves well posed where calibration data leave directions unseen.
 
+        `cross_covariance` E[x_d x^T] pairs each input x with the input x_d the dense matrix saw for the same token
+        (they differ once earlier layers are projected): the fit then minimises E||(S + U V) x - W x_d||^2, i.e.
+        fits T = W E[x_d x^T] C^-1 under C, so the layer makes up for the error of the layers before it. The
+        damping adds lambda I to both covariances (a pull toward W), so with x_d = x, T = W. The returned error is
+        then ||(T - S - U V) C^(1/2)|| / ||T C^(1/2)||: against the best any matrix could do on these inputs.
+
         With the gate on, the gate starts at g = 0.5 and both terms are doubled, so the layer equals S + U V.
         """
         if dense.shape != (self.out_features, self.in_features):
@@ -166,6 +173,12 @@ class PixelflyLinear(nn.Module):
         if input_covariance is not None:
             raw, cov = self._damped_covariance(input_covariance, target.device)
             chol = torch.linalg.cholesky(cov)
+            if cross_covariance is not None:
+                cross = self._checked_covariance("cross_covariance", cross_covariance, target.device) + (cov - raw)
+                target = torch.cholesky_solve(cross.T @ target.T, chol).T  # W (C_dx + lambda I) (C + lambda I)^-1
+        elif cross_covariance is not None:
+            raise ValueError("cross_covariance pairs with the layer's own input_covariance; pass both, or neither to "
+                             "fit the weights")
         low = torch.zeros_like(target)
         for _ in range(max(1, n_iter)):
             tiles = self._fit_tiles(target - low, cov)
@@ -191,13 +204,16 @@ class PixelflyLinear(nn.Module):
 
     def _damped_covariance(self, covariance: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(C as given, symmetrised; C damped by 1% of its mean diagonal), in float32."""
-        if covariance.shape != (self.in_features, self.in_features):
-            raise ValueError(f"input_covariance has shape {tuple(covariance.shape)}; expected "
-                             f"{(self.in_features, self.in_features)}, the second moment of the layer's inputs")
-        cov = covariance.detach().to(device=device, dtype=torch.float32)
+        cov = self._checked_covariance("input_covariance", covariance, device)
         cov = (cov + cov.T) / 2
         damping = 0.01 * cov.diagonal().mean().clamp_min(1e-12)
         return cov, cov + damping * torch.eye(self.in_features, device=device)
+
+    def _checked_covariance(self, what: str, covariance: torch.Tensor, device) -> torch.Tensor:
+        if covariance.shape != (self.in_features, self.in_features):
+            raise ValueError(f"{what} has shape {tuple(covariance.shape)}; expected "
+                             f"{(self.in_features, self.in_features)}, a second moment of the layer's inputs")
+        return covariance.detach().to(device=device, dtype=torch.float32)
 
     def _fit_tiles(self, residual: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
         """The tiles S minimising ||residual - S||, which keeps residual's tiles, or with a covariance
@@ -237,9 +253,11 @@ class PixelflyLinear(nn.Module):
         n_iter: int = 3,
         backend: str = "auto",
         input_covariance: torch.Tensor | None = None,
+        cross_covariance: torch.Tensor | None = None,
     ) -> "PixelflyLinear":
         """A PixelflyLinear projected from an nn.Linear or Conv1D (see project_; `input_covariance` fits the outputs
-        on the layer's inputs instead of the weights); the fit's error is in `.projection_error`."""
+        on the layer's inputs instead of the weights, `cross_covariance` the dense outputs on other inputs); the
+        fit's error is in `.projection_error`."""
         weight = dense_weight_of(module)
         out_features, in_features = weight.shape
         layer = cls(
@@ -247,7 +265,7 @@ class PixelflyLinear(nn.Module):
             n_factors=n_factors, rank=rank, block_size=block_size, gate=gate, backend=backend,
             device=weight.device, dtype=weight.dtype,
         )
-        layer.project_(weight, n_iter=n_iter, input_covariance=input_covariance)
+        layer.project_(weight, n_iter=n_iter, input_covariance=input_covariance, cross_covariance=cross_covariance)
         if module.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(module.bias)

@@ -12,11 +12,12 @@ from ..layers import PixelflyLinear, dense_weight_of
 
 
 def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, project: bool, n_iter: int = 3,
-                            input_covariances: dict | None = None) -> None:
+                            input_covariances: dict | None = None, cross_covariances: dict | None = None) -> None:
     """Replace each planned nn.Linear / Conv1D under `root` with a PixelflyLinear of the planned structure.
 
     project=True fits the dense weights, or with `input_covariances` (name -> E[x x^T], calibration.py) the
-    outputs on those inputs (the fit's error lands in each layer's `.projection_error`); otherwise
+    outputs on those inputs, and with `cross_covariances` (name -> E[x_dense x^T]) the dense outputs on the inputs
+    the dense model sent (the fit's error lands in each layer's `.projection_error`); otherwise
     the layer is built on the dense weight's device and dtype with its own random init (on the meta device
     while transformers builds a model to load weights into).
     """
@@ -39,7 +40,7 @@ def install_pixelfly_layers(root: nn.Module, modules: dict[str, dict], *, projec
         structure = {key: spec[key] for key in ("butterfly_size", "n_factors", "rank", "block_size", "gate")}
         if project:
             layer = PixelflyLinear.from_dense(dense, n_iter=n_iter, input_covariance=(input_covariances or {}).get(name),
-                                              **structure)
+                                              cross_covariance=(cross_covariances or {}).get(name), **structure)
         else:
             layer = PixelflyLinear(
                 shape[1], shape[0], bias=dense.bias is not None, device=weight.device, dtype=weight.dtype, **structure
