@@ -45,6 +45,7 @@ def project_calibrated(model: nn.Module, root: nn.Module, plan: dict[str, dict],
     root_path = next(path for path, module in model.named_modules() if module is root)
     dense_root = dense_model.get_submodule(root_path)
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    calibrating = []  # the layers installed so far, on the reference path until the end
     model.eval()
     dense_model.eval()
     if use_cache:  # a cache passed to the blocks would grow each time a block is rerun
@@ -60,14 +61,17 @@ def project_calibrated(model: nn.Module, root: nn.Module, plan: dict[str, dict],
                 path = f"{blocks_path}.{index}"
                 block, dense_block = root.get_submodule(path), dense_root.get_submodule(path)
                 _fit_stages(block, dense_block, {name[len(path) + 1:]: plan[name] for name in by_block.get(index, [])},
-                            sparse_inputs, dense_inputs, n_iter)
+                            calibrating, sparse_inputs, dense_inputs, n_iter)
                 if index < last:
                     sparse_inputs = [_next_input(block, x) for x in sparse_inputs]
                     dense_inputs = [_next_input(dense_block, x) for x in dense_inputs]
         outside = [name for name in plan if not any(name in names for names in by_block.values())]
         prefix = f"{root_path}." if root_path else ""
-        _fit_stages(model, dense_model, {prefix + name: plan[name] for name in outside}, inputs, inputs, n_iter)
+        _fit_stages(model, dense_model, {prefix + name: plan[name] for name in outside}, calibrating, inputs, inputs,
+                    n_iter)
     finally:
+        for layer in calibrating:
+            layer.backend = "auto"
         model.train(was_training)
         if use_cache:
             model.config.use_cache = use_cache
@@ -166,10 +170,11 @@ def _stages(segment: nn.Module, names: list[str], inputs: tuple) -> list[list[st
     return stages
 
 
-def _fit_stages(segment: nn.Module, dense_segment: nn.Module, plan: dict[str, dict], sparse_inputs: list,
-                dense_inputs: list, n_iter: int):
-    """Project `plan`'s matrices (names relative to `segment`) stage by stage; each stage's statistics come from
-    `segment` as the stages before left it, paired token by token with the dense segment's inputs."""
+def _fit_stages(segment: nn.Module, dense_segment: nn.Module, plan: dict[str, dict], calibrating: list,
+                sparse_inputs: list, dense_inputs: list, n_iter: int):
+    """Project `plan`'s matrices (names relative to `segment`) stage by stage, appending the new layers to
+    `calibrating`; each stage's statistics come from `segment` as the stages before left it, paired token by token
+    with the dense segment's inputs."""
     if not plan:
         return
     for stage in _stages(dense_segment, list(plan), dense_inputs[0]):
@@ -183,3 +188,9 @@ def _fit_stages(segment: nn.Module, dense_segment: nn.Module, plan: dict[str, di
         install_pixelfly_layers(segment, {name: plan[name] for name in stage}, project=True, n_iter=n_iter,
                                 input_covariances=dict.fromkeys(stage, covariance / rows),
                                 cross_covariances=dict.fromkeys(stage, cross / rows))
+        for name in stage:
+            # the later stages' passes run the new layer in float32: on a GPU the Triton path would tune kernels
+            # for that dtype, which training never uses; project_calibrated sets "auto" back at the end
+            layer = segment.get_submodule(name)
+            layer.backend = "reference"
+            calibrating.append(layer)

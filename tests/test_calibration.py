@@ -130,3 +130,16 @@ def test_calibration_needs_projection_and_batches_that_reach_the_matrices():
         get_model(bert(), PixelflyConfig(density=0.5, block_size=16, init="random"), calibration_data=batches(1, 0))
     with pytest.raises(ValueError, match="never reached"):
         get_model(bert(), CONFIG, calibration_data=[])
+
+
+def test_calibration_passes_run_the_new_layers_on_the_reference_path_then_hand_them_back(monkeypatch):
+    """The calibration passes run the layers already fitted in float32; on a GPU their Triton path would tune
+    kernels for a dtype training never uses, so they take the PyTorch path, and "auto" comes back after."""
+    used = []
+    resolve = PixelflyLinear._resolve_backend
+    monkeypatch.setattr(PixelflyLinear, "_resolve_backend",
+                        lambda self, x: used.append(self.backend) or resolve(self, x))
+    model = get_model(gpt2(), CONFIG, calibration_data=batches(2, seed=1))
+    assert used and set(used) == {"reference"}  # the fitted layers ran in later stages' passes
+    layers = pixelfly_layers(model)
+    assert len(layers) == 12 and all(layer.backend == "auto" for layer in layers.values())
