@@ -1,6 +1,6 @@
 """End to end: training steps of HF GPT-2, BERT and ViT, dense against Pixelfly, in one process on one GPU.
 
-    python benchmarks/bench_e2e.py --json e2e.json --md e2e.md --plot e2e.png   # the README's rows
+    python benchmarks/bench_e2e.py --json e2e.json --md e2e.md --plot e2e.png   # every default row: base to large, long context
     python benchmarks/bench_e2e.py --rows gpt2-medium:8x1024 --modes cudagraphs # one row, one mode
     python benchmarks/bench_e2e.py --dry-run                                    # tiny models on CPU, checks the script
 
@@ -88,18 +88,24 @@ MODELS = {
     "gpt2-tiny": Model("gpt2", dict(n_layer=2, n_embd=128, n_head=4), 16, 2e-3),
     "gpt2-small": Model("gpt2", dict(n_layer=12, n_embd=768, n_head=12), 32, 6e-4),
     "gpt2-medium": Model("gpt2", dict(n_layer=24, n_embd=1024, n_head=16), 32, 3e-4),
+    "gpt2-large": Model("gpt2", dict(n_layer=36, n_embd=1280, n_head=20), 32, 2.5e-4),
     "bert-tiny": Model("bert", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     intermediate_size=512), 16, 1e-3),
     "bert-base": Model("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                     intermediate_size=3072), 32, 1e-4),
+    "bert-large": Model("bert", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096), 32, 1e-4),
     "vit-tiny": Model("vit", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                                   patch_size=8), 16, 1e-3),
     "vit-base": Model("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                   intermediate_size=3072, patch_size=16), 32, 3e-4),
+    "vit-large": Model("vit", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                   intermediate_size=4096, patch_size=16), 32, 3e-4),
 }
-# issue 23's rows: the sizes people train, and long sequences where sparse attention pays
-DEFAULT_ROWS = ("gpt2-small:16x1024", "gpt2-medium:8x1024", "bert-base:32x512", "vit-base:128x224",
-                "gpt2-small:4x4096", "gpt2-medium:2x4096", "gpt2-small:2x8192", "gpt2-medium:1x8192")
+# the sizes people train, base to large, and long sequences where sparse attention pays (issue 30's targets)
+DEFAULT_ROWS = ("gpt2-small:16x1024", "gpt2-medium:8x1024", "gpt2-large:8x1024", "bert-base:32x512",
+                "bert-large:32x512", "vit-base:128x224", "vit-large:128x224", "gpt2-small:4x4096",
+                "gpt2-medium:2x4096", "gpt2-small:2x8192", "gpt2-medium:1x8192")
 DRY_ROWS = ("gpt2-tiny:2x128", "bert-tiny:2x64", "vit-tiny:2x32")
 
 

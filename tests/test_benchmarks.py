@@ -277,3 +277,31 @@ def test_every_research_script_says_which_question_it_answered():
         doc = ast.get_docstring(ast.parse(script.read_text())) or ""
         question = doc.split("?")[0]
         assert doc.startswith("Question: ") and "\n\n" not in question, f"{script.name}: docstring must open with the question"
+
+
+# published sizes (GPT-2 paper; BERT paper at its 30,522-token vocabulary; ViT paper with 1000 classes), adjusted to
+# bench_e2e's padded GPT-2 vocabulary of 50,304 tokens and 10 ViT classes
+PUBLISHED_PARAMS = {"gpt2-small": 124.4e6, "gpt2-medium": 354.8e6, "gpt2-large": 774.0e6,
+                    "bert-base": 110e6 + (50304 - 30522) * 768, "bert-large": 335e6 + (50304 - 30522) * 1024,
+                    "vit-base": 86.6e6 - 990 * 768, "vit-large": 304.3e6 - 990 * 1024}
+
+
+def test_bench_e2e_default_rows_are_the_published_models_and_plan_a_pixelfly_layout():
+    """Every default row builds its model at the published size (on the meta device: no memory) and get_model
+    replaces every attention and MLP matrix at the row's tile size."""
+    from pixelfly_hf import PixelflyConfig, PixelflyLinear, get_model
+
+    bench_e2e = import_script(ROOT / "benchmarks" / "bench_e2e.py")
+    for text in bench_e2e.DEFAULT_ROWS:
+        row = bench_e2e.parse_row(text)
+        spec = bench_e2e.MODELS[row.model]
+        with torch.device("meta"):
+            model = bench_e2e.build_model(row, 50304)
+            params = sum(p.numel() for p in model.parameters())
+            # GPT-2 rows longer than 1024 tokens carry more position embeddings
+            extra_positions = (max(1024, row.seq) - 1024) * model.config.hidden_size if spec.family == "gpt2" else 0
+            assert params - extra_positions == pytest.approx(PUBLISHED_PARAMS[row.model], rel=0.01), text
+            model = get_model(model, PixelflyConfig(density=0.25, block_size=spec.block_size, init="random"))
+        layers = model.config.num_hidden_layers
+        per_layer = 4 if spec.family == "gpt2" else 6
+        assert sum(isinstance(m, PixelflyLinear) for m in model.modules()) == per_layer * layers, text
